@@ -1,0 +1,167 @@
+"""The `affectprep` command line. Exit codes: 0 all done, 3 finished with failed samples, 2 usage/config error."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from affectprep.config import (DEFAULT_CONFIG_FILE, ConfigError, DatasetConfig, ProjectConfig, load_project,
+                               project_from_dict, write_project)
+from affectprep.store import SchemaMismatch, StoreLocked
+
+app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
+                  help="Prepare emotion-recognition datasets with vision and language models, and train on them.")
+
+EXIT_FAILED_SAMPLES = 3
+EXIT_USAGE = 2
+
+ConfigOpt = Annotated[Path, typer.Option("--config", "-c", help="Project file.")]
+CacheOpt = Annotated[Optional[Path], typer.Option(help="Store root (default: the project's cache).")]
+DatasetOpt = Annotated[Optional[list[str]], typer.Option("--dataset", "-d", help="Only this dataset (repeatable).")]
+
+
+@app.command()
+def demo(out: Annotated[Path, typer.Option(help="Folder for the demo dataset, project file and cache.")] = Path("demo"),
+         clips: Annotated[int, typer.Option(min=7, help="Number of clips (balanced over the 7 classes).")] = 70,
+         workers: Annotated[Optional[int], typer.Option(help="Local Dask workers (default: CPU count).")] = None,
+         seed: int = 0) -> None:
+    """Generate a demo dataset in DFEW's layout from a real face photo, then run every stage offline."""
+    from affectprep.pipeline.demo import make_demo_dataset
+    from affectprep.pipeline.stages import STAGES
+
+    out.mkdir(parents=True, exist_ok=True)
+    root = make_demo_dataset(out / "DFEW", clips=clips, seed=seed)
+    typer.echo(f"demo dataset: {clips} clips in {root}")
+    project = ProjectConfig(out / DEFAULT_CONFIG_FILE, (out / "cache").resolve(),
+                            {"demo": DatasetConfig("demo", "dfew", root.resolve())},
+                            _default_stage_options(STAGES))
+    project.stages["faces"]["backend"] = "haar"   # the offline backend: no weights needed
+    write_project(project)
+    typer.echo(f"project file: {project.path}")
+    _run_and_exit(project, None, None, workers=workers)
+
+
+@app.command()
+def init(kind: Annotated[str, typer.Argument(help="dfew, ferv39k, mafw, bp4d, disfa, iemocap or csv.")],
+         root: Annotated[Path, typer.Option(help="The dataset's root folder, in its official layout.")],
+         name: Annotated[Optional[str], typer.Option(help="Dataset name in the project (default: KIND).")] = None,
+         config: ConfigOpt = Path(DEFAULT_CONFIG_FILE)) -> None:
+    """Add a dataset to the project file (created with every stage's defaults if it does not exist)."""
+    from affectprep.pipeline.datasets import ADAPTERS
+    from affectprep.pipeline.stages import STAGES
+
+    if kind not in ADAPTERS:
+        raise ConfigError(f"unknown dataset kind '{kind}'; known: {', '.join(sorted(ADAPTERS))}")
+    if not root.is_dir():
+        raise ConfigError(f"dataset root {root} is not a folder")
+    project = load_project(config) if config.exists() else project_from_dict({}, config)
+    name = name or kind
+    if name in project.datasets:
+        raise ConfigError(f"{config} already has a dataset named '{name}'; choose another --name")
+    options = dataclasses.asdict(ADAPTERS[kind].Options())
+    project.datasets[name] = DatasetConfig(name, kind, root.resolve(), options)
+    for stage, defaults in _default_stage_options(STAGES).items():
+        project.stages[stage] = {**defaults, **project.stages.get(stage, {})}
+    write_project(project)
+    typer.echo(f"added dataset '{name}' ({kind}, {root}) to {config}")
+
+
+@app.command()
+def run(stage: Annotated[Optional[str], typer.Option(help="Run up to and including this stage (default: all).")] = None,
+        dataset: DatasetOpt = None,
+        config: ConfigOpt = Path(DEFAULT_CONFIG_FILE),
+        cache: CacheOpt = None,
+        scheduler: Annotated[Optional[str], typer.Option(
+            help="tcp://HOST:PORT of a dask.distributed scheduler, or 'inline' (this process, for debugging).")] = None,
+        workers: Annotated[Optional[int], typer.Option(help="Local Dask workers (default: CPU count).")] = None,
+        limit: Annotated[Optional[int], typer.Option(help="Only the first N samples of each dataset.")] = None,
+        set_: Annotated[Optional[list[str]], typer.Option("--set", help="Override an option: STAGE.OPTION=VALUE.")] = None,
+        retry_failed: Annotated[bool, typer.Option(help="Process failed samples again.")] = False,
+        batch_size: Annotated[int, typer.Option(min=1, help="Samples per Dask task.")] = 4,
+        quiet: Annotated[bool, typer.Option(help="No progress bars.")] = False) -> None:
+    """Run the pipeline up to STAGE, doing only the samples not yet done for the current config."""
+    project = load_project(config, set_ or [], cache)
+    _run_and_exit(project, stage, dataset, scheduler=scheduler, workers=workers, limit=limit,
+                  retry_failed=retry_failed, batch_size=batch_size, progress=not quiet)
+
+
+@app.command()
+def status(config: ConfigOpt = Path(DEFAULT_CONFIG_FILE), cache: CacheOpt = None, dataset: DatasetOpt = None,
+           set_: Annotated[Optional[list[str]], typer.Option("--set", help="As for `run`.")] = None,
+           as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
+           errors: Annotated[int, typer.Option(help="Failed samples to list per stage (all with --json).")] = 10) -> None:
+    """Done, failed, blocked and pending samples per dataset and stage, store sizes, and the failures."""
+    from affectprep.pipeline.dag import describe
+
+    project = load_project(config, set_ or [], cache)
+    info = describe(project, dataset)
+    if as_json:
+        typer.echo(json.dumps(info, indent=2))
+        return
+    for entry in info:
+        typer.echo(f"{entry['dataset']} ({entry['kind']}, {entry['root']})")
+        index = entry["index"]
+        if index is None:
+            typer.echo("  index: not built yet (run `affectprep run`)")
+            continue
+        excluded = sum(index["excluded"].values())
+        typer.echo(f"  {'index':8} ok {index['ok']:>7}  failed {index['failed']:>5}"
+                   + (f"  excluded by protocol {excluded}" if excluded else ""))
+        _echo_failures(index["failures"], errors)
+        for s in entry["stages"]:
+            typer.echo(f"  {s['stage']:8} done {s['done']:>5}/{s['total']:<5} failed {s['failed']:>5}  "
+                       f"blocked {s['blocked']:>5}  pending {s['pending']:>5}  {_size(s['bytes']):>9}  key {s['key']}")
+            _echo_failures(s["failures"], errors)
+
+
+def _echo_failures(failures: list[dict], limit: int) -> None:
+    for f in failures[:limit]:
+        typer.echo(f"      {f['sample_id']}: {f['error']}")
+    if len(failures) > limit:
+        typer.echo(f"      ... and {len(failures) - limit} more (use --errors N or --json)")
+
+
+def _run_and_exit(project: ProjectConfig, stage: str | None, datasets: list[str] | None, **options) -> None:
+    from affectprep.pipeline.dag import run_pipeline
+
+    report = run_pipeline(project, stage, datasets, **options)
+    typer.echo(f"\n{'dataset':12} {'stage':8} {'total':>7} {'before':>7} {'new ok':>7} {'failed':>7} {'blocked':>7}")
+    for name, counts in report.index.items():
+        typer.echo(f"{name:12} {'index':8} {counts['ok'] + counts['failed']:>7} {'':>7} {counts['ok']:>7} "
+                   f"{counts['failed']:>7}")
+    for s in report.stages:
+        typer.echo(f"{s.dataset:12} {s.stage:8} {s.total:>7} {s.done_before:>7} {s.ok:>7} {s.failed_total:>7} "
+                   f"{s.blocked:>7}")
+    if report.failed:
+        typer.echo(f"\n{report.failed} sample(s) failed; `affectprep status` lists them with their errors.")
+        raise typer.Exit(EXIT_FAILED_SAMPLES)
+    typer.echo("\nall samples done.")
+
+
+def _default_stage_options(stages: dict) -> dict[str, dict]:
+    return {name: {k: v for k, v in dataclasses.asdict(cls.Config()).items() if v is not None}
+            for name, cls in stages.items()}
+
+
+def _size(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+def main() -> None:
+    try:
+        app()
+    except (ConfigError, StoreLocked, SchemaMismatch) as e:
+        print(f"affectprep: error: {e}", file=sys.stderr)
+        sys.exit(EXIT_USAGE)
+
+
+if __name__ == "__main__":
+    main()

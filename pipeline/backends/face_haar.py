@@ -1,0 +1,139 @@
+"""Offline face backend: OpenCV Haar cascades find the face and its eyes; the mean face shape is fitted to them.
+
+The landmarks are an estimate (landmark_source "template"): the mean shape placed by the eyes when both are found,
+else by the face box. Good enough to align crops; not a landmark detector.
+"""
+from __future__ import annotations
+
+import cv2
+import numpy as np
+
+from .face_common import MEAN_SHAPE, Detection, check_frames, downscale, eye_centres, shape_through_eyes
+from .face_track import select_track
+
+FACE_CASCADE = "haarcascade_frontalface_default.xml"
+EYE_CASCADE = "haarcascade_eye.xml"
+
+# Where the mean shape sits in an OpenCV frontal-face box: box-relative point = scale * mean shape + offset.
+# Measured on the astronaut photo (eyes at 0.27 and 0.72 of the box width, 0.38 of its height), which matches the
+# usual geometry of this cascade's boxes.
+_SHAPE_IN_BOX_SCALE = 1.15
+_SHAPE_IN_BOX_OFFSET = np.array([-0.10, 0.01], dtype=np.float32)
+
+# The eye search runs on the upper part of the face box, resized to a fixed width: eyes come out ~30 px, above
+# the eye cascade's 20 px window, and the scan stays cheap (a few ms).
+_EYE_REGION_HEIGHT = 0.6
+_EYE_SEARCH_WIDTH = 120
+# An eye pair is believed only if each eye is near where the box puts it and their distance is plausible.
+_EYE_MAX_OFFSET = 0.2          # in face-box widths
+_EYE_DISTANCE_RANGE = (0.6, 1.5)  # relative to the distance the box predicts
+
+
+class HaarBackend:
+    """Haar cascade face backend; needs no weights and no torch. Not thread-safe: keep one per thread."""
+
+    name = "haar"
+    landmark_source = "template"
+
+    def __init__(self, *, detect_max_side: int = 320, scale_factor: float = 1.1, min_neighbors: int = 4):
+        if detect_max_side < 48:
+            raise ValueError(f"detect_max_side must be at least 48 pixels, got {detect_max_side}")
+        if scale_factor <= 1.0:
+            raise ValueError(f"scale_factor must be above 1, got {scale_factor}")
+        if min_neighbors < 0:
+            raise ValueError(f"min_neighbors must not be negative, got {min_neighbors}")
+        self.detect_max_side = detect_max_side
+        self.scale_factor = scale_factor
+        self.min_neighbors = min_neighbors
+        self._face_cascade = _load_cascade(FACE_CASCADE)
+        self._eye_cascade = _load_cascade(EYE_CASCADE)
+
+    @property
+    def identity(self) -> dict:
+        """What decides this backend's output, for cache keys."""
+        return {"backend": self.name, "opencv": cv2.__version__, "cascades": [FACE_CASCADE, EYE_CASCADE],
+                "detect_max_side": self.detect_max_side, "scale_factor": self.scale_factor,
+                "min_neighbors": self.min_neighbors}
+
+    def detect(self, frames: np.ndarray) -> list[Detection | None]:
+        frames = check_frames(frames)
+        found = [self.find_faces(frame) for frame in frames]
+        picks = select_track([boxes for boxes, _ in found], [scores for _, scores in found],
+                             (frames.shape[2], frames.shape[1]))
+        detections: list[Detection | None] = []
+        for frame, (boxes, scores), pick in zip(frames, found, picks):
+            if pick is None:
+                detections.append(None)
+                continue
+            box = boxes[pick]
+            detections.append(Detection(box=box, landmarks=self.fit_shape(frame, box), score=float(scores[pick])))
+        return detections
+
+    def find_faces(self, frame: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """All face boxes (K, 4) x0, y0, x1, y1 in source pixels, and their scores (the cascade's neighbour counts)."""
+        small, factor = downscale(frame, self.detect_max_side)
+        gray = cv2.equalizeHist(cv2.cvtColor(small, cv2.COLOR_RGB2GRAY))
+        boxes, neighbours = self._face_cascade.detectMultiScale2(
+            gray, scaleFactor=self.scale_factor, minNeighbors=self.min_neighbors)
+        if len(boxes) == 0:
+            return np.zeros((0, 4), np.float32), np.zeros(0, np.float32)
+        boxes = np.asarray(boxes, np.float32)
+        boxes[:, 2:] += boxes[:, :2]
+        return boxes / factor, np.asarray(neighbours, np.float32).reshape(-1)
+
+    def fit_shape(self, frame: np.ndarray, box: np.ndarray) -> np.ndarray:
+        """The mean shape (68, 2) placed through the eyes found in the box, or by the box alone."""
+        eyes = self._find_eyes(frame, box)
+        return shape_through_eyes(*eyes) if eyes is not None else shape_in_box(box)
+
+    def _find_eyes(self, frame: np.ndarray, box: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
+        box_width, box_height = box[2] - box[0], box[3] - box[1]
+        x0, y0 = max(int(box[0]), 0), max(int(box[1]), 0)
+        x1 = min(int(np.ceil(box[2])), frame.shape[1])
+        y1 = min(int(np.ceil(box[1] + _EYE_REGION_HEIGHT * box_height)), frame.shape[0])
+        if x1 - x0 < 16 or y1 - y0 < 8:
+            return None
+        factor = _EYE_SEARCH_WIDTH / (x1 - x0)
+        region = cv2.resize(frame[y0:y1, x0:x1], (_EYE_SEARCH_WIDTH, max(1, round((y1 - y0) * factor))),
+                            interpolation=cv2.INTER_AREA if factor < 1 else cv2.INTER_LINEAR)
+        gray = cv2.equalizeHist(cv2.cvtColor(region, cv2.COLOR_RGB2GRAY))
+        smallest, largest = round(0.15 * _EYE_SEARCH_WIDTH), round(0.4 * _EYE_SEARCH_WIDTH)
+        eyes, _ = self._eye_cascade.detectMultiScale2(gray, scaleFactor=1.1, minNeighbors=3,
+                                                      minSize=(smallest, smallest), maxSize=(largest, largest))
+        if len(eyes) < 2:
+            return None
+        eyes = np.asarray(eyes, np.float32)
+        centres = (eyes[:, :2] + eyes[:, 2:] / 2) / factor + np.array([x0, y0], np.float32)
+        expected_left, expected_right = eye_centres(shape_in_box(box))
+        left_index = _nearest(centres, expected_left, box_width)
+        right_index = _nearest(centres, expected_right, box_width)
+        if left_index is None or right_index is None or left_index == right_index:
+            return None
+        left, right = centres[left_index], centres[right_index]
+        distance = np.hypot(*(right - left)) / np.hypot(*(expected_right - expected_left))
+        if not _EYE_DISTANCE_RANGE[0] <= distance <= _EYE_DISTANCE_RANGE[1]:
+            return None
+        return left, right
+
+
+def _nearest(points: np.ndarray, target: np.ndarray, box_width: float) -> int | None:
+    distances = np.hypot(*(points - target).T)
+    index = int(np.argmin(distances))
+    return index if distances[index] <= _EYE_MAX_OFFSET * box_width else None
+
+
+def shape_in_box(box: np.ndarray) -> np.ndarray:
+    """The mean shape (68, 2) placed in a Haar face box, upright."""
+    origin, size = box[:2], box[2:] - box[:2]
+    return (origin + size * (_SHAPE_IN_BOX_SCALE * MEAN_SHAPE + _SHAPE_IN_BOX_OFFSET)).astype(np.float32)
+
+
+def _load_cascade(file_name: str) -> cv2.CascadeClassifier:
+    folder = getattr(getattr(cv2, "data", None), "haarcascades", None)
+    if folder is None:
+        raise RuntimeError("this OpenCV build ships no Haar cascades (cv2.data.haarcascades); "
+                           "install opencv-python 4.x (OpenCV 5 dropped them)")
+    cascade = cv2.CascadeClassifier(folder + file_name)
+    if cascade.empty():
+        raise RuntimeError(f"OpenCV could not load the Haar cascade {folder + file_name}")
+    return cascade

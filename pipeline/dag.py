@@ -1,0 +1,426 @@
+"""Run the stages of a project as a Dask DAG, incrementally and resumably.
+
+Per dataset: build (or reuse) the index, then for every sample find the first stage not yet done for the current
+cache keys and submit a chain of tasks from there to the target stage, a few samples per chain. Tasks return rows;
+the client writes them to the stores as they complete, so a killed run loses only what was in flight. Local runs
+start an in-process LocalCluster; `scheduler="tcp://host:port"` uses an existing cluster; `scheduler="inline"` runs
+everything in this process, one batch at a time, for debugging.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+from collections import deque
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future
+from contextlib import ExitStack
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from tqdm import tqdm
+
+from affectprep import schema as S
+from affectprep.config import ConfigError, DatasetConfig, ProjectConfig, build_dataclass
+from affectprep.store import Store
+
+from .datasets import DatasetAdapter, DatasetError, index_table, make_adapter
+from .stage import Stage, cache_key, config_dict, failed_row, file_digest
+from .stages import STAGES, stages_up_to
+
+INDEX_VERSION = 1
+
+
+class StageSetupError(Exception):
+    """A stage could not load its backend; every sample would fail the same way, so the run stops."""
+
+
+@dataclass
+class StageReport:
+    dataset: str
+    stage: str
+    key: str
+    total: int = 0          # samples this stage applies to (index-ok, right media kind, within --limit)
+    done_before: int = 0    # already done for this key before the run
+    ok: int = 0             # newly done in this run
+    failed: int = 0         # newly failed in this run
+    blocked: int = 0        # not attempted because an upstream stage failed for them
+    failed_total: int = 0   # failed for this key, including earlier runs
+
+
+@dataclass
+class RunReport:
+    stages: list[StageReport] = field(default_factory=list)
+    index: dict[str, dict[str, Any]] = field(default_factory=dict)   # dataset -> ok / failed / excluded counts
+
+    @property
+    def failed(self) -> int:
+        return sum(r["failed"] for r in self.index.values()) + sum(s.failed_total for s in self.stages)
+
+
+# ---- planning ------------------------------------------------------------------------------------------------------
+
+@dataclass
+class StagePlan:
+    stage: Stage
+    key: str
+    store: Store
+    config: dict[str, Any]      # what is written beside the output: resolved config, identity, input keys
+
+
+def stage_configs(project: ProjectConfig) -> dict[str, Any]:
+    """Each stage's config dataclass, from its defaults, the project file and the overrides."""
+    unknown = set(project.stages) - set(STAGES)
+    if unknown:
+        raise ConfigError(f"unknown stage(s) {sorted(unknown)} under [stages]; known: {list(STAGES)}")
+    return {name: build_dataclass(cls.Config, project.stages.get(name, {}), f"stages.{name}")
+            for name, cls in STAGES.items()}
+
+
+def index_store(project: ProjectConfig, ds: DatasetConfig) -> tuple[Store, DatasetAdapter, dict[str, Any]]:
+    """The index store for the dataset as its annotations are now (key = adapter, options, annotation contents)."""
+    try:
+        adapter = make_adapter(ds.kind, ds.root, ds.options)
+        files = adapter.annotation_files()
+    except (DatasetError, ValueError) as e:
+        raise ConfigError(f"dataset '{ds.name}': {e}") from None
+    config = {
+        "stage": "index", "version": INDEX_VERSION, "kind": ds.kind, "root": str(ds.root),
+        "options": config_dict(adapter.options),
+        "annotations": {str(p.relative_to(ds.root) if p.is_relative_to(ds.root) else p): file_digest(p)
+                        for p in sorted(files)},
+    }
+    return Store(project.cache, ds.name, "index", cache_key(config)), adapter, config
+
+
+def ensure_index(project: ProjectConfig, ds: DatasetConfig) -> Store:
+    """Build the index, and store the rows that are new or changed since the last run. The annotations are in the
+    key, but the media are not (hashing 65k videos is too slow): a clip added or repaired since the last run turns
+    from failed to ok here, and then counts as pending for the stages after."""
+    store, adapter, config = index_store(project, ds)
+    try:
+        table = index_table(adapter)
+    except DatasetError as e:
+        raise ConfigError(f"dataset '{ds.name}': {e}") from None
+    with store.lock():
+        if not store.exists():
+            store.write_config(config)
+            store.write(table)
+            return store
+        # Compared as JSON text because unknown AUs are NaN, and NaN != NaN.
+        stored = {row["sample_id"]: _canonical(row) for row in store.read().to_pylist()}
+        changed = [i for i, row in enumerate(table.to_pylist()) if stored.get(row["sample_id"]) != _canonical(row)]
+        if changed:
+            store.write(table.take(changed))
+    return store
+
+
+def _canonical(row: dict[str, Any]) -> str:
+    return json.dumps(row, sort_keys=True, default=str)
+
+
+def plan_stages(project: ProjectConfig, index: Store, target: str | None,
+                configs: dict[str, Any] | None = None) -> list[StagePlan]:
+    configs = configs or stage_configs(project)
+    keys = {"index": index.key}
+    plans = []
+    for cls in stages_up_to(target):
+        stage = cls(configs[cls.name])
+        config = {"stage": cls.name, "version": cls.version, "config": config_dict(stage.config),
+                  "identity": stage.identity(), "inputs": {up: keys[up] for up in cls.reads}}
+        keys[cls.name] = cache_key(config)
+        plans.append(StagePlan(stage, keys[cls.name], Store(project.cache, index.dataset, cls.name,
+                                                             keys[cls.name]), config))
+    return plans
+
+
+# ---- execution -----------------------------------------------------------------------------------------------------
+
+_WORKER_STAGES: dict[str, Stage] = {}
+
+
+def run_batch(stage: Stage, key: str, ids: list[str], inputs: dict[str, list[dict[str, Any]]]) -> list[dict]:
+    """Runs on a worker: join the upstream rows of `ids`, process those whose upstream rows are all ok."""
+    if key not in _WORKER_STAGES:
+        try:
+            stage.setup()
+        except Exception as e:  # noqa: BLE001
+            raise StageSetupError(f"stage '{stage.name}' could not start: {type(e).__name__}: {e}") from e
+        _WORKER_STAGES[key] = stage
+    stage = _WORKER_STAGES[key]
+    by_id: dict[str, dict[str, Any]] = {sid: {"sample_id": sid} for sid in ids}
+    usable = set(ids)
+    for upstream, rows in inputs.items():
+        seen = set()
+        for row in rows:
+            if row["status"] != S.STATUS_OK:
+                continue
+            seen.add(row["sample_id"])
+            by_id[row["sample_id"]].update({c: row[c] for c in stage.reads[upstream]})
+        usable &= seen
+    return stage.process([by_id[sid] for sid in ids if sid in usable])
+
+
+class _InlineClient:
+    """The slice of dask.distributed.Client that the runner uses, executed in this process."""
+
+    def submit(self, fn: Callable, *args: Any, **_: Any) -> Future:
+        future: Future = Future()
+        try:
+            args = tuple({k: v.result() if isinstance(v, Future) else v for k, v in a.items()}
+                         if isinstance(a, dict) else a for a in args)
+            future.set_result(fn(*args))
+        except Exception as e:  # noqa: BLE001 - delivered through the future, as Dask would
+            future.set_exception(e)
+        return future
+
+    def close(self) -> None:
+        pass
+
+
+class _InlineAsCompleted:
+    def __init__(self) -> None:
+        self.queue: deque[Future] = deque()
+
+    def add(self, future: Future) -> None:
+        self.queue.append(future)
+
+    def __iter__(self) -> Iterator[Future]:
+        while self.queue:
+            yield self.queue.popleft()
+
+
+def _connect(scheduler: str | None, workers: int, stack: ExitStack) -> tuple[Any, Callable[[], Any], int]:
+    if scheduler == "inline":
+        return _InlineClient(), _InlineAsCompleted, 1
+    from distributed import Client, LocalCluster, as_completed
+    if scheduler:
+        try:
+            client = stack.enter_context(Client(scheduler, timeout="20s"))
+        except OSError as e:
+            raise ConfigError(f"cannot reach the Dask scheduler at {scheduler}: {e}") from None
+        nworkers = max(1, len(client.scheduler_info().get("workers", {})))
+    else:
+        nworkers = workers
+        cluster = stack.enter_context(LocalCluster(n_workers=workers, threads_per_worker=1, processes=True,
+                                                   dashboard_address=None, silence_logs=40))
+        client = stack.enter_context(Client(cluster))
+    return client, as_completed, nworkers
+
+
+@dataclass
+class _Chain:
+    ids: list[str]
+    plans: list[StagePlan]
+    futures: list[Any] = field(default_factory=list)
+    pending: int = 0
+    broken: bool = False
+
+
+def run_pipeline(project: ProjectConfig, target: str | None = None, datasets: list[str] | None = None, *,
+                 scheduler: str | None = None, workers: int | None = None, limit: int | None = None,
+                 batch_size: int = 4, retry_failed: bool = False, progress: bool = True,
+                 log: Callable[[str], None] = lambda m: print(m, file=sys.stderr)) -> RunReport:
+    if target is not None and target not in STAGES:
+        raise ConfigError(f"unknown stage '{target}'; stages: {', '.join(STAGES)}")
+    names = datasets or list(project.datasets)
+    missing = [n for n in names if n not in project.datasets]
+    if missing:
+        raise ConfigError(f"unknown dataset(s) {missing}; the project has {sorted(project.datasets)}")
+    if not names:
+        raise ConfigError("the project has no datasets: add one with `affectprep init KIND --root PATH`")
+    configs = stage_configs(project)
+    report = RunReport()
+    with ExitStack() as stack:
+        runner = _Runner(stack, scheduler, workers or os.cpu_count() or 1, batch_size, retry_failed, progress, log)
+        for name in names:
+            ds = project.datasets[name]
+            index = ensure_index(project, ds)
+            plans = plan_stages(project, index, target, configs)
+            report.index[name] = index_counts(index)
+            report.stages += runner.run_dataset(index, plans, limit)
+    return report
+
+
+def index_counts(index: Store) -> dict[str, Any]:
+    statuses = list(index.statuses().values())
+    excluded = json.loads(index.metadata().get("affectprep.excluded", "{}"))
+    return {"ok": statuses.count(S.STATUS_OK), "failed": statuses.count(S.STATUS_FAILED), "excluded": excluded}
+
+
+class _Runner:
+    def __init__(self, stack: ExitStack, scheduler: str | None, workers: int, batch_size: int, retry_failed: bool,
+                 progress: bool, log: Callable[[str], None]):
+        self.stack, self.scheduler, self.workers = stack, scheduler, workers
+        self.batch_size, self.retry_failed, self.progress, self.log = batch_size, retry_failed, progress, log
+        self.client: Any = None
+
+    def _ensure_client(self) -> None:
+        # Started only when there is work, so a rerun with nothing to do costs no cluster start-up.
+        if self.client is None:
+            self.client, self.as_completed, self.workers = _connect(self.scheduler, self.workers, self.stack)
+
+    def run_dataset(self, index: Store, plans: list[StagePlan], limit: int | None) -> list[StageReport]:
+        idx = index.read(["sample_id", "media_kind"], status=S.STATUS_OK)
+        kinds = dict(zip(idx.column("sample_id").to_pylist(), idx.column("media_kind").to_pylist()))
+        population = sorted(kinds)[:limit] if limit is not None else sorted(kinds)
+        reports, done = [], {}
+        for plan in plans:
+            statuses = plan.store.statuses()
+            if self.retry_failed:
+                statuses = {k: v for k, v in statuses.items() if v == S.STATUS_OK}
+            done[plan.stage.name] = statuses
+            applies = [s for s in population if kinds[s] in plan.stage.media_kinds]
+            reports.append(StageReport(index.dataset, plan.stage.name, plan.key, total=len(applies),
+                                       done_before=sum(s in statuses for s in applies)))
+        # Group samples by the first stage they still need; each group runs from there to the target.
+        groups: dict[int, list[str]] = {}
+        for sid in population:
+            todo = [i for i, p in enumerate(plans) if kinds[sid] in p.stage.media_kinds
+                    and sid not in done[p.stage.name]]
+            blocked = any(done[p.stage.name].get(sid) == S.STATUS_FAILED for p in plans[:todo[0]]) if todo else False
+            if todo and not blocked:
+                groups.setdefault(todo[0], []).append(sid)
+            elif todo:
+                reports[todo[0]].blocked += 1
+        if groups:
+            self._execute(index, plans, groups, done, reports)
+        for plan, rep in zip(plans, reports):
+            statuses = plan.store.statuses()
+            rep.failed_total = sum(statuses.get(s) == S.STATUS_FAILED for s in population
+                                   if kinds[s] in plan.stage.media_kinds)
+        return reports
+
+    def _execute(self, index: Store, plans: list[StagePlan], groups: dict[int, list[str]],
+                 done: dict[str, dict[str, str]], reports: list[StageReport]) -> None:
+        self._ensure_client()
+        for plan in plans:
+            self.stack.enter_context(plan.store.lock())
+            plan.store.write_config(plan.config)
+        queue: deque[_Chain] = deque()
+        for start, ids in sorted(groups.items()):
+            for i in range(0, len(ids), self.batch_size):
+                queue.append(_Chain(ids[i:i + self.batch_size], plans[start:]))
+        bars = {p.stage.name: tqdm(total=sum(len(c.ids) for c in queue if p in c.plans), desc=f"{index.dataset}/"
+                f"{p.stage.name}", unit="clip", disable=not self.progress, file=sys.stderr, leave=True)
+                for p in plans}
+        completed = self.as_completed()
+        owner: dict[Any, tuple[_Chain, int]] = {}
+        in_flight = 0
+        max_in_flight = 2 * self.workers
+
+        def submit_next() -> None:
+            nonlocal in_flight
+            chain = queue.popleft()
+            produced: dict[str, Any] = {}
+            for pos, plan in enumerate(chain.plans):
+                inputs = {up: produced[up] if up in produced else self._read_rows(index, plans, up, chain.ids)
+                          for up in plan.stage.reads}
+                future = self.client.submit(run_batch, plan.stage, plan.key, chain.ids, inputs, pure=False)
+                produced[plan.stage.name] = future
+                owner[future] = (chain, pos)
+                chain.futures.append(future)
+                completed.add(future)
+            chain.pending = len(chain.plans)
+            in_flight += 1
+
+        try:
+            while queue and in_flight < max_in_flight:
+                submit_next()
+            for future in completed:
+                chain, pos = owner.pop(future)
+                chain.pending -= 1
+                plan = chain.plans[pos]
+                if not chain.broken:
+                    try:
+                        rows = future.result()
+                    except StageSetupError as e:
+                        raise ConfigError(str(e)) from None
+                    except Exception as e:  # noqa: BLE001 - a worker died or a task crashed: isolate the sample
+                        chain.broken = True
+                        self._recover(chain, pos, e, queue, done, reports, bars, plans)
+                    else:
+                        self._record(plan, rows, chain.ids, done, reports[plans.index(plan)], bars)
+                if chain.pending == 0:
+                    in_flight -= 1
+                    chain.futures.clear()
+                    while queue and in_flight < max_in_flight:
+                        submit_next()
+        finally:
+            for bar in bars.values():
+                bar.close()
+
+    def _read_rows(self, index: Store, plans: list[StagePlan], upstream: str, ids: list[str]) -> list[dict]:
+        store = index if upstream == "index" else next(p.store for p in plans if p.stage.name == upstream)
+        columns = sorted({c for p in plans for c in p.stage.reads.get(upstream, ())} | {"sample_id", "status"})
+        return store.read(columns, ids=ids).to_pylist()
+
+    def _record(self, plan: StagePlan, rows: list[dict], ids: list[str], done: dict[str, dict[str, str]],
+                report: StageReport, bars: dict[str, tqdm]) -> None:
+        plan.store.write(rows)
+        for row in rows:
+            done[plan.stage.name][row["sample_id"]] = row["status"]
+            if row["status"] == S.STATUS_OK:
+                report.ok += 1
+            else:
+                report.failed += 1
+        # Samples of this chain that never reached this stage were blocked by an upstream failure.
+        report.blocked += len(ids) - len(rows)
+        bars[plan.stage.name].update(len(ids))
+
+    def _recover(self, chain: _Chain, pos: int, error: Exception, queue: deque, done: dict[str, dict[str, str]],
+                 reports: list[StageReport], bars: dict[str, tqdm], plans: list[StagePlan]) -> None:
+        """A task raised or its worker died. Retry each sample alone so one bad file cannot sink its neighbours;
+        a sample that still fails alone is recorded as failed with the reason."""
+        start = next(i for i, p in enumerate(plans) if p is chain.plans[0])
+        if len(chain.ids) > 1:
+            for sid in chain.ids:
+                remaining = [p for p in plans[start:] if sid not in done[p.stage.name]]
+                if remaining:
+                    queue.append(_Chain([sid], remaining))
+            return
+        plan = chain.plans[pos]
+        message = f"worker failed while processing this sample: {type(error).__name__}: {error}"
+        self._record(plan, [failed_row(chain.ids[0], message)], chain.ids, done, reports[plans.index(plan)], bars)
+
+
+# ---- status ------------------------------------------------------------------------------------------------------
+
+def describe(project: ProjectConfig, datasets: list[str] | None = None) -> list[dict[str, Any]]:
+    """Per dataset and stage, for the current config: done / failed / blocked / pending counts, store size and
+    the failed samples with their errors. Reads stores only; builds and writes nothing."""
+    configs = stage_configs(project)
+    out = []
+    for name in datasets or list(project.datasets):
+        ds = project.datasets[name]
+        index, _, _ = index_store(project, ds)
+        entry: dict[str, Any] = {"dataset": name, "kind": ds.kind, "root": str(ds.root), "stages": []}
+        out.append(entry)
+        if not index.exists():
+            entry["index"] = None
+            continue
+        counts = index_counts(index)
+        entry["index"] = {**counts, "key": index.key, "bytes": index.size_bytes(),
+                          "failures": _failures(index)}
+        idx = index.read(["sample_id", "media_kind"], status=S.STATUS_OK)
+        kinds = dict(zip(idx.column("sample_id").to_pylist(), idx.column("media_kind").to_pylist()))
+        upstream_failed: set[str] = set()
+        for plan in plan_stages(project, index, None, configs):
+            statuses = plan.store.statuses()
+            applies = [s for s in kinds if kinds[s] in plan.stage.media_kinds]
+            done = sum(statuses.get(s) == S.STATUS_OK for s in applies)
+            failed = {s for s in applies if statuses.get(s) == S.STATUS_FAILED}
+            blocked = {s for s in applies if s in upstream_failed and s not in statuses}
+            entry["stages"].append({
+                "stage": plan.stage.name, "key": plan.key, "total": len(applies), "done": done,
+                "failed": len(failed), "blocked": len(blocked),
+                "pending": len(applies) - done - len(failed) - len(blocked),
+                "bytes": plan.store.size_bytes(), "failures": _failures(plan.store) if failed else [],
+            })
+            upstream_failed |= failed | blocked
+    return out
+
+
+def _failures(store: Store) -> list[dict[str, str]]:
+    return store.read(["sample_id", "error"], status=S.STATUS_FAILED).to_pylist()

@@ -1,0 +1,12 @@
+"""Dataset adapters: each reads one dataset's official layout into index rows (schema.INDEX).
+
+Importing this package registers every adapter in ADAPTERS under its kind.
+"""
+from __future__ import annotations
+
+from . import bp4d, dfew, disfa, ferv39k, generic_csv, iemocap, mafw  # noqa: F401  (registration)
+from .base import (ADAPTERS, DatasetAdapter, DatasetError, build_index, index_table, make_adapter,
+                   options_for, register_adapter)
+
+__all__ = ["ADAPTERS", "DatasetAdapter", "DatasetError", "build_index", "index_table", "make_adapter", "options_for",
+           "register_adapter"]

@@ -1,0 +1,96 @@
+"""The stage contract.
+
+A stage is a config dataclass plus a function from input rows to output rows. It declares which columns it reads from
+which upstream stores and which schema it writes; the DAG checks both before it runs anything. Heavy models load in
+`setup()`, once per worker process. A sample that fails becomes an output row with status "failed" and an error a
+person can read; it never stops the batch.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, ClassVar
+
+import pyarrow as pa
+
+from affectprep import schema as S
+
+
+class SampleError(Exception):
+    """A per-sample failure whose message is already fit for a person to read (no exception type prefix)."""
+
+
+class Stage:
+    name: ClassVar[str]
+    version: ClassVar[int]                          # bump when the output changes for the same config
+    Config: ClassVar[type]                          # frozen dataclass; every field has a default
+    reads: ClassVar[dict[str, tuple[str, ...]]]     # upstream store -> columns this stage needs from it
+    media_kinds: ClassVar[frozenset[str]] = frozenset({"video", "frames", "image", "audio"})  # samples it applies to
+
+    def __init__(self, config: Any):
+        self.config = config
+
+    @classmethod
+    def schema(cls) -> pa.Schema:
+        return S.schema_for(cls.name)
+
+    def identity(self) -> dict[str, Any]:
+        """What else determines the output: backend model name and weights hash, prompt file hashes."""
+        return {}
+
+    def setup(self) -> None:
+        """Load models. Called once per worker process before the first batch."""
+
+    def process(self, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """Input rows (the joined `reads` columns) -> one output row each. Override for batched inference."""
+        return [self.process_guarded(row) for row in rows]
+
+    def process_one(self, row: dict[str, Any]) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def process_guarded(self, row: dict[str, Any]) -> dict[str, Any]:
+        try:
+            out = self.process_one(row)
+        except SampleError as e:
+            return failed_row(row["sample_id"], str(e))
+        except Exception as e:  # noqa: BLE001 - any other failure is recorded on the sample, never raised
+            return failed_row(row["sample_id"], f"{type(e).__name__}: {e}")
+        return {"sample_id": row["sample_id"], "status": S.STATUS_OK, "error": None, **out}
+
+
+def failed_row(sample_id: str, error: str) -> dict[str, Any]:
+    return {"sample_id": sample_id, "status": S.STATUS_FAILED, "error": error}
+
+
+def config_dict(config: Any) -> dict[str, Any]:
+    return _jsonable(dataclasses.asdict(config))
+
+
+def cache_key(payload: dict[str, Any]) -> str:
+    """Hash of everything that can change a stage's output. A value that cannot be hashed is an error."""
+    text = json.dumps(payload, sort_keys=True, default=_refuse)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def file_digest(path: Path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, Path):
+        return str(value)
+    return value
+
+
+def _refuse(value: Any) -> Any:
+    raise TypeError(f"cannot hash {type(value).__name__} value {value!r} into a cache key")

@@ -1,0 +1,26 @@
+"""Every stage, in DAG order. A stage's upstream stores are the keys of its `reads` (plus the dataset index)."""
+from __future__ import annotations
+
+from ..stage import Stage
+from .faces import FacesStage
+from .frames import FramesStage
+
+STAGES: dict[str, type[Stage]] = {s.name: s for s in (FramesStage, FacesStage)}
+
+
+def stages_up_to(target: str | None) -> list[type[Stage]]:
+    """The stages a run must execute to produce `target` (all stages when None), upstream first."""
+    if target is None:
+        return list(STAGES.values())
+    if target not in STAGES:
+        raise KeyError(target)
+    needed: set[str] = set()
+
+    def visit(name: str) -> None:
+        if name in STAGES and name not in needed:
+            needed.add(name)
+            for upstream in STAGES[name].reads:
+                visit(upstream)
+
+    visit(target)
+    return [s for s in STAGES.values() if s.name in needed]

@@ -1,0 +1,17 @@
+import atexit
+import os
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+# No hub lookups (there is no network here; a lookup would retry for about a minute), and no face-alignment
+# weights from the user's own torch hub cache leaking into tests that expect the offline default.
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["TRANSFORMERS_OFFLINE"] = "1"
+if "TORCH_HOME" not in os.environ:
+    os.environ["TORCH_HOME"] = tempfile.mkdtemp(prefix="affectprep-torch-home-")
+    atexit.register(shutil.rmtree, os.environ["TORCH_HOME"], True)
+
+# The fixture builders (dataset_fixtures, media_fixtures, pipeline_fixtures) are plain modules beside the tests.
+sys.path.insert(0, str(Path(__file__).parent))
