@@ -42,6 +42,7 @@ class Store:
         self.cache, self.dataset, self.stage, self.key = Path(cache), dataset, stage, key
         self.path = self.cache / dataset / stage / key
         self.schema = S.schema_for(stage)
+        self._winners: tuple[tuple[Path, ...], dict[str, int]] = ((), {})
 
     def __repr__(self) -> str:
         return f"Store({self.dataset}/{self.stage}/{self.key})"
@@ -125,11 +126,13 @@ class Store:
                     status: str | None = None) -> Iterator[pa.Table]:
         """Stream the store part by part, so memory stays bounded by one part whatever the store's size."""
         wanted = set(ids) if ids is not None else None
-        winner = self._winning_part()
+        parts, winner = self._winning_parts()
+        # With ids given, only the parts that hold their newest rows are opened.
+        needed = {winner[s] for s in wanted if s in winner} if wanted is not None else range(len(parts))
         cols = columns or self.schema.names
         read_cols = list(dict.fromkeys(["sample_id", "status", *cols]))
-        for i, part in enumerate(self.parts()):
-            t = self._read_part(part, read_cols)
+        for i in sorted(needed):
+            t = self._read_part(parts[i], read_cols)
             keep = [winner[sid] == i and (wanted is None or sid in wanted)
                     for sid in t.column("sample_id").to_pylist()]
             t = t.filter(pa.array(keep, pa.bool_()))
@@ -141,12 +144,18 @@ class Store:
     def size_bytes(self) -> int:
         return sum(p.stat().st_size for p in self.parts())
 
-    def _winning_part(self) -> dict[str, int]:
-        winner: dict[str, int] = {}
-        for i, part in enumerate(self.parts()):
-            for sid in self._read_part(part, ["sample_id"]).column("sample_id").to_pylist():
+    def _winning_parts(self) -> tuple[tuple[Path, ...], dict[str, int]]:
+        """The parts, and for each sample the position of the part holding its newest row. Cached until the set
+        of parts changes, so reading a few samples at a time does not rescan the store."""
+        parts = tuple(self.parts())
+        cached_parts, winner = self._winners
+        if parts[:len(cached_parts)] != cached_parts:
+            cached_parts, winner = (), {}
+        for i in range(len(cached_parts), len(parts)):
+            for sid in self._read_part(parts[i], ["sample_id"]).column("sample_id").to_pylist():
                 winner[sid] = i
-        return winner
+        self._winners = (parts, winner)
+        return parts, winner
 
     def _read_part(self, part: Path, columns: list[str]) -> pa.Table:
         table = pq.read_table(part, columns=columns)

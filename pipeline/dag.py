@@ -220,8 +220,7 @@ class _Chain:
 
 def run_pipeline(project: ProjectConfig, target: str | None = None, datasets: list[str] | None = None, *,
                  scheduler: str | None = None, workers: int | None = None, limit: int | None = None,
-                 batch_size: int = 4, retry_failed: bool = False, progress: bool = True,
-                 log: Callable[[str], None] = lambda m: print(m, file=sys.stderr)) -> RunReport:
+                 batch_size: int = 4, retry_failed: bool = False, progress: bool = True) -> RunReport:
     if target is not None and target not in STAGES:
         raise ConfigError(f"unknown stage '{target}'; stages: {', '.join(STAGES)}")
     names = datasets or list(project.datasets)
@@ -233,7 +232,7 @@ def run_pipeline(project: ProjectConfig, target: str | None = None, datasets: li
     configs = stage_configs(project)
     report = RunReport()
     with ExitStack() as stack:
-        runner = _Runner(stack, scheduler, workers or os.cpu_count() or 1, batch_size, retry_failed, progress, log)
+        runner = _Runner(stack, scheduler, workers or os.cpu_count() or 1, batch_size, retry_failed, progress)
         for name in names:
             ds = project.datasets[name]
             index = ensure_index(project, ds)
@@ -251,9 +250,9 @@ def index_counts(index: Store) -> dict[str, Any]:
 
 class _Runner:
     def __init__(self, stack: ExitStack, scheduler: str | None, workers: int, batch_size: int, retry_failed: bool,
-                 progress: bool, log: Callable[[str], None]):
+                 progress: bool):
         self.stack, self.scheduler, self.workers = stack, scheduler, workers
-        self.batch_size, self.retry_failed, self.progress, self.log = batch_size, retry_failed, progress, log
+        self.batch_size, self.retry_failed, self.progress = batch_size, retry_failed, progress
         self.client: Any = None
 
     def _ensure_client(self) -> None:
@@ -317,7 +316,10 @@ class _Runner:
             for pos, plan in enumerate(chain.plans):
                 inputs = {up: produced[up] if up in produced else self._read_rows(index, plans, up, chain.ids)
                           for up in plan.stage.reads}
-                future = self.client.submit(run_batch, plan.stage, plan.key, chain.ids, inputs, pure=False)
+                # Resources only on an external cluster: a LocalCluster advertises none, and would wait forever.
+                resources = plan.stage.resources() if self.scheduler not in (None, "inline") else {}
+                future = self.client.submit(run_batch, plan.stage, plan.key, chain.ids, inputs, pure=False,
+                                            resources=resources or None)
                 produced[plan.stage.name] = future
                 owner[future] = (chain, pos)
                 chain.futures.append(future)

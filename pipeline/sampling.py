@@ -24,7 +24,8 @@ def sample_indices(num_source: int, *, method: str = "uniform", num_frames: int 
     if num_frames < 1 or views < 1 or stride < 1:
         raise ValueError("num_frames, views and stride must be at least 1")
     end = num_source if end is None or end < 0 else min(end, num_source)
-    start = max(0, min(start, end - 1))
+    if not 0 <= start < end:
+        raise ValueError(f"the window [{start}, {end}) holds none of the media's {num_source} frames")
     n = end - start
     if method == "segment":
         chosen = [[min(n - 1, int((i + (v + 0.5) / views) * n / num_frames)) for i in range(num_frames)]

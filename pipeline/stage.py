@@ -40,6 +40,11 @@ class Stage:
         """What else determines the output: backend model name and weights hash, prompt file hashes."""
         return {}
 
+    def resources(self) -> dict[str, float]:
+        """Dask worker resources a task needs on a cluster, e.g. {"GPU": 1}; workers advertise them with
+        `dask worker --resources GPU=1`."""
+        return {}
+
     def setup(self) -> None:
         """Load models. Called once per worker process before the first batch."""
 

@@ -210,3 +210,30 @@ def test_unreachable_scheduler_is_a_config_error(project):
     out = cli("run", "--config", str(project.path), "--scheduler", f"tcp://127.0.0.1:{_free_port()}",
               "--retry-failed", timeout=120)
     assert out.returncode == 2 and "cannot reach the Dask scheduler" in out.stderr
+
+
+def test_frame_folders_are_media_like_videos(tmp_path):
+    import shutil
+    from dataset_fixtures import make_dfew
+    from media_fixtures import frame_folder
+    root = make_dfew(tmp_path / "DFEW", codes=(1, 5), frames=True)
+    for folder in (root / "Clip" / "clip_224x224").iterdir():
+        shutil.rmtree(folder)
+        frame_folder(folder, num_frames=20)
+    from affectprep.config import DatasetConfig, ProjectConfig
+    project = ProjectConfig(None, tmp_path / "cache", {"f": DatasetConfig("f", "dfew", root,
+                                                                          {"media": "Clip/clip_224x224"})},
+                            {"faces": {"backend": "haar"}})
+    report = run_pipeline(project, scheduler="inline", progress=False)
+    assert report.failed == 0 and report.stages[-1].ok == 2
+    index = ensure_index(project, project.datasets["f"])
+    frames = {p.stage.name: p.store for p in plan_stages(project, index, None)}["frames"]
+    assert {r["decoder"] for r in frames.read(["decoder"]).to_pylist()} == {"folder"}
+
+
+def test_a_second_writer_is_refused_with_a_one_line_reason(project, first_run):
+    index, _ = stores(project)
+    with index.lock():
+        out = cli("run", "--config", str(project.path), "--scheduler", "inline", "--quiet")
+    assert out.returncode == 2 and "is being written by pid" in out.stderr
+    assert len(out.stderr.strip().splitlines()) == 1

@@ -19,7 +19,7 @@ __all__ = [
 ]
 
 BACKENDS = ("auto", "haar", "fan")
-_OPTIONS = {"haar": {"detect_max_side", "scale_factor", "min_neighbors"},
+_OPTIONS = {"haar": {"detect_max_side", "scale_factor", "min_neighbors", "min_face", "scan_every"},
             "fan": {"detector", "flip_input", "detect_max_side"}}
 
 

@@ -27,6 +27,11 @@ _EYE_SEARCH_WIDTH = 120
 # An eye pair is believed only if each eye is near where the box puts it and their distance is plausible.
 _EYE_MAX_OFFSET = 0.2          # in face-box widths
 _EYE_DISTANCE_RANGE = (0.6, 1.5)  # relative to the distance the box predicts
+# Between full-frame scans, a frame is searched only around the faces its neighbouring scanned frames hold, for
+# faces of about the same size: a face moves little between sampled frames, and this search costs a few ms
+# against tens of ms for a full scan.
+_NEAR_MARGIN = 0.5             # search region = face box grown by this share of its size on each side
+_NEAR_SIZE_RANGE = (0.6, 1.6)  # face sizes searched, relative to the neighbouring face
 
 
 class HaarBackend:
@@ -35,13 +40,20 @@ class HaarBackend:
     name = "haar"
     landmark_source = "template"
 
-    def __init__(self, *, detect_max_side: int = 320, scale_factor: float = 1.1, min_neighbors: int = 4):
+    def __init__(self, *, detect_max_side: int = 320, scale_factor: float = 1.1, min_neighbors: int = 4,
+                 min_face: float = 0.15, scan_every: int = 4):
         if detect_max_side < 48:
             raise ValueError(f"detect_max_side must be at least 48 pixels, got {detect_max_side}")
         if scale_factor <= 1.0:
             raise ValueError(f"scale_factor must be above 1, got {scale_factor}")
         if min_neighbors < 0:
             raise ValueError(f"min_neighbors must not be negative, got {min_neighbors}")
+        if not 0 <= min_face < 1:
+            raise ValueError(f"min_face is a share of the frame's shorter side, in [0, 1); got {min_face}")
+        if scan_every < 1:
+            raise ValueError(f"scan_every must be at least 1, got {scan_every}")
+        self.min_face = min_face
+        self.scan_every = scan_every
         self.detect_max_side = detect_max_side
         self.scale_factor = scale_factor
         self.min_neighbors = min_neighbors
@@ -53,11 +65,11 @@ class HaarBackend:
         """What decides this backend's output, for cache keys."""
         return {"backend": self.name, "opencv": cv2.__version__, "cascades": [FACE_CASCADE, EYE_CASCADE],
                 "detect_max_side": self.detect_max_side, "scale_factor": self.scale_factor,
-                "min_neighbors": self.min_neighbors}
+                "min_neighbors": self.min_neighbors, "min_face": self.min_face, "scan_every": self.scan_every}
 
     def detect(self, frames: np.ndarray) -> list[Detection | None]:
         frames = check_frames(frames)
-        found = [self.find_faces(frame) for frame in frames]
+        found = self._scan(frames)
         picks = select_track([boxes for boxes, _ in found], [scores for _, scores in found],
                              (frames.shape[2], frames.shape[1]))
         detections: list[Detection | None] = []
@@ -69,17 +81,57 @@ class HaarBackend:
             detections.append(Detection(box=box, landmarks=self.fit_shape(frame, box), score=float(scores[pick])))
         return detections
 
+    def _scan(self, frames: np.ndarray) -> list[tuple[np.ndarray, np.ndarray]]:
+        """Face candidates per frame: a full scan of every `scan_every`-th frame (and the last), a search near the
+        faces of the neighbouring scanned frames elsewhere, and a full scan wherever that finds nothing."""
+        n = len(frames)
+        scanned = sorted(set(range(0, n, self.scan_every)) | {n - 1})
+        found: list[tuple[np.ndarray, np.ndarray] | None] = [None] * n
+        for i in scanned:
+            found[i] = self.find_faces(frames[i])
+        for i in range(n):
+            if found[i] is not None:
+                continue
+            before = max(k for k in scanned if k < i)
+            after = min(k for k in scanned if k > i)
+            guides = _merge_overlapping(np.concatenate([found[before][0], found[after][0]]))
+            near = self._find_near(frames[i], guides) if len(guides) else None
+            found[i] = near if near is not None and len(near[0]) else self.find_faces(frames[i])
+        return found
+
     def find_faces(self, frame: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """All face boxes (K, 4) x0, y0, x1, y1 in source pixels, and their scores (the cascade's neighbour counts)."""
         small, factor = downscale(frame, self.detect_max_side)
         gray = cv2.equalizeHist(cv2.cvtColor(small, cv2.COLOR_RGB2GRAY))
+        smallest = round(self.min_face * min(gray.shape))
+        # Faces smaller than min_face are not searched: the smallest scales are the costliest part of a scan.
         boxes, neighbours = self._face_cascade.detectMultiScale2(
-            gray, scaleFactor=self.scale_factor, minNeighbors=self.min_neighbors)
-        if len(boxes) == 0:
-            return np.zeros((0, 4), np.float32), np.zeros(0, np.float32)
-        boxes = np.asarray(boxes, np.float32)
-        boxes[:, 2:] += boxes[:, :2]
-        return boxes / factor, np.asarray(neighbours, np.float32).reshape(-1)
+            gray, scaleFactor=self.scale_factor, minNeighbors=self.min_neighbors, minSize=(smallest, smallest))
+        return _boxes(boxes, neighbours, factor, (0.0, 0.0))
+
+    def _find_near(self, frame: np.ndarray, guides: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Faces of about the size of each guide box, searched in a region around it."""
+        all_boxes, all_scores = [], []
+        for box in guides:
+            size = float(max(box[2] - box[0], box[3] - box[1]))
+            pad = _NEAR_MARGIN * size
+            x0, y0 = max(0, int(box[0] - pad)), max(0, int(box[1] - pad))
+            x1, y1 = min(frame.shape[1], int(box[2] + pad)), min(frame.shape[0], int(box[3] + pad))
+            # The same scale as a full scan of this frame, so the cascade sees the face as it would there.
+            factor = min(1.0, self.detect_max_side / max(frame.shape[:2]))
+            region = frame[y0:y1, x0:x1]
+            if factor < 1.0:
+                region = cv2.resize(region, (max(1, round((x1 - x0) * factor)), max(1, round((y1 - y0) * factor))),
+                                    interpolation=cv2.INTER_AREA)
+            gray = cv2.equalizeHist(cv2.cvtColor(region, cv2.COLOR_RGB2GRAY))
+            low, high = (round(r * size * factor) for r in _NEAR_SIZE_RANGE)
+            boxes, neighbours = self._face_cascade.detectMultiScale2(
+                gray, scaleFactor=self.scale_factor, minNeighbors=self.min_neighbors, minSize=(low, low),
+                maxSize=(high, high))
+            boxes, scores = _boxes(boxes, neighbours, factor, (x0, y0))
+            all_boxes.append(boxes)
+            all_scores.append(scores)
+        return np.concatenate(all_boxes), np.concatenate(all_scores)
 
     def fit_shape(self, frame: np.ndarray, box: np.ndarray) -> np.ndarray:
         """The mean shape (68, 2) placed through the eyes found in the box, or by the box alone."""
@@ -114,6 +166,37 @@ class HaarBackend:
         if not _EYE_DISTANCE_RANGE[0] <= distance <= _EYE_DISTANCE_RANGE[1]:
             return None
         return left, right
+
+
+def _boxes(boxes, neighbours, factor: float, offset: tuple[float, float]) -> tuple[np.ndarray, np.ndarray]:
+    """OpenCV's (x, y, w, h) boxes found at `factor` scale in a region at `offset` -> source x0, y0, x1, y1."""
+    if len(boxes) == 0:
+        return np.zeros((0, 4), np.float32), np.zeros(0, np.float32)
+    boxes = np.asarray(boxes, np.float32)
+    boxes[:, 2:] += boxes[:, :2]
+    boxes = boxes / factor + np.array([*offset, *offset], np.float32)
+    return boxes, np.asarray(neighbours, np.float32).reshape(-1)
+
+
+def _merge_overlapping(boxes: np.ndarray) -> np.ndarray:
+    """One box per face: boxes that overlap (the same face in the frames before and after) become their mean."""
+    merged: list[list[np.ndarray]] = []
+    for box in boxes:
+        for group in merged:
+            if _iou(group[0], box) > 0.3:
+                group.append(box)
+                break
+        else:
+            merged.append([box])
+    return np.array([np.mean(group, axis=0) for group in merged], np.float32).reshape(-1, 4)
+
+
+def _iou(a: np.ndarray, b: np.ndarray) -> float:
+    w = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
+    h = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+    inter = w * h
+    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
+    return float(inter / union) if union > 0 else 0.0
 
 
 def _nearest(points: np.ndarray, target: np.ndarray, box_width: float) -> int | None:

@@ -36,11 +36,12 @@ class FramesStage(Stage):
             views, padded, per_view = [[0]], False, 1
         else:
             end = row["frame_end"] if row["frame_end"] is not None else -1
-            start = row["frame_start"] or 0
-            if start >= info.num_frames:
-                raise SampleError(f"window starts at frame {start} but the media has {info.num_frames} frames")
-            views, padded = sample_indices(info.num_frames, method=c.method, num_frames=c.num_frames,
-                                           stride=c.stride, views=c.views, start=start, end=end)
+            try:
+                views, padded = sample_indices(info.num_frames, method=c.method, num_frames=c.num_frames,
+                                               stride=c.stride, views=c.views, start=row["frame_start"] or 0,
+                                               end=end)
+            except ValueError as e:
+                raise SampleError(str(e)) from None
             per_view = c.num_frames
         return {
             "frame_indices": [i for view in views for i in view],
