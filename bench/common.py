@@ -9,6 +9,7 @@ from affectprep.config import DatasetConfig, ProjectConfig, write_project
 
 
 def project_for(root: Path, workdir: Path, name: str = "bench") -> ProjectConfig:
+    workdir.mkdir(parents=True, exist_ok=True)
     project = ProjectConfig(workdir / "affectprep.toml", workdir / "cache",
                             {name: DatasetConfig(name, "dfew", root)}, {"faces": {"backend": "haar"}})
     write_project(project)

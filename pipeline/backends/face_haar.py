@@ -23,15 +23,15 @@ _SHAPE_IN_BOX_OFFSET = np.array([-0.10, 0.01], dtype=np.float32)
 # The eye search runs on the upper part of the face box, resized to a fixed width: eyes come out ~30 px, above
 # the eye cascade's 20 px window, and the scan stays cheap (a few ms).
 _EYE_REGION_HEIGHT = 0.6
-_EYE_SEARCH_WIDTH = 120
+_EYE_SEARCH_WIDTH = 96
 # An eye pair is believed only if each eye is near where the box puts it and their distance is plausible.
 _EYE_MAX_OFFSET = 0.2          # in face-box widths
 _EYE_DISTANCE_RANGE = (0.6, 1.5)  # relative to the distance the box predicts
 # Between full-frame scans, a frame is searched only around the faces its neighbouring scanned frames hold, for
 # faces of about the same size: a face moves little between sampled frames, and this search costs a few ms
 # against tens of ms for a full scan.
-_NEAR_MARGIN = 0.5             # search region = face box grown by this share of its size on each side
-_NEAR_SIZE_RANGE = (0.6, 1.6)  # face sizes searched, relative to the neighbouring face
+_NEAR_MARGIN = 0.25            # search region = face box grown by this share of its size on each side
+_NEAR_SIZE_RANGE = (0.75, 1.33)  # face sizes searched, relative to the neighbouring face
 
 
 class HaarBackend:
@@ -41,7 +41,7 @@ class HaarBackend:
     landmark_source = "template"
 
     def __init__(self, *, detect_max_side: int = 320, scale_factor: float = 1.1, min_neighbors: int = 4,
-                 min_face: float = 0.15, scan_every: int = 4):
+                 min_face: float = 0.15, scan_every: int = 8):
         if detect_max_side < 48:
             raise ValueError(f"detect_max_side must be at least 48 pixels, got {detect_max_side}")
         if scale_factor <= 1.0:
@@ -150,7 +150,7 @@ class HaarBackend:
                             interpolation=cv2.INTER_AREA if factor < 1 else cv2.INTER_LINEAR)
         gray = cv2.equalizeHist(cv2.cvtColor(region, cv2.COLOR_RGB2GRAY))
         smallest, largest = round(0.15 * _EYE_SEARCH_WIDTH), round(0.4 * _EYE_SEARCH_WIDTH)
-        eyes, _ = self._eye_cascade.detectMultiScale2(gray, scaleFactor=1.1, minNeighbors=3,
+        eyes, _ = self._eye_cascade.detectMultiScale2(gray, scaleFactor=1.15, minNeighbors=3,
                                                       minSize=(smallest, smallest), maxSize=(largest, largest))
         if len(eyes) < 2:
             return None
