@@ -39,7 +39,10 @@ def demo(out: Annotated[Path, typer.Option(help="Folder for the demo dataset, pr
     project = ProjectConfig(out / DEFAULT_CONFIG_FILE, (out / "cache").resolve(),
                             {"demo": DatasetConfig("demo", "dfew", root.resolve())},
                             _default_stage_options(STAGES))
-    project.stages["faces"]["backend"] = "haar"   # the offline backend: no weights needed
+    # The offline backends: no weights, no network.
+    project.stages["faces"]["backend"] = "haar"
+    project.stages["captions"]["captioner"] = "motion"
+    project.stages["cate"]["llm"] = "template"
     write_project(project)
     typer.echo(f"project file: {project.path}")
     _run_and_exit(project, None, None, workers=workers)
@@ -80,11 +83,21 @@ def run(stage: Annotated[Optional[str], typer.Option(help="Run up to and includi
         workers: Annotated[Optional[int], typer.Option(help="Local Dask workers (default: CPU count).")] = None,
         limit: Annotated[Optional[int], typer.Option(help="Only the first N samples of each dataset.")] = None,
         set_: Annotated[Optional[list[str]], typer.Option("--set", help="Override an option: STAGE.OPTION=VALUE.")] = None,
+        llm: Annotated[Optional[str], typer.Option(
+            help="CATE rewriter: openai:<model>, t5:<path-or-id> or template. A new text version; vision is kept.")] = None,
+        captioner: Annotated[Optional[str], typer.Option(
+            help="Captioner: motion, openai:<model>, hf:<path-or-id> or vllm:<path-or-id>.")] = None,
+        base_url: Annotated[Optional[str], typer.Option(
+            help="OpenAI-compatible endpoint (e.g. a vLLM server) for openai:<model> backends.")] = None,
         retry_failed: Annotated[bool, typer.Option(help="Process failed samples again.")] = False,
         batch_size: Annotated[int, typer.Option(min=1, help="Samples per Dask task.")] = 4,
         quiet: Annotated[bool, typer.Option(help="No progress bars.")] = False) -> None:
     """Run the pipeline up to STAGE, doing only the samples not yet done for the current config."""
-    project = load_project(config, set_ or [], cache)
+    overrides = list(set_ or [])
+    overrides += [f'cate.llm="{llm}"'] if llm else []
+    overrides += [f'captions.captioner="{captioner}"'] if captioner else []
+    overrides += [f'{stage}.base_url="{base_url}"' for stage in ("captions", "cate")] if base_url else []
+    project = load_project(config, overrides, cache)
     _run_and_exit(project, stage, dataset, scheduler=scheduler, workers=workers, limit=limit,
                   retry_failed=retry_failed, batch_size=batch_size, progress=not quiet)
 
@@ -116,6 +129,57 @@ def status(config: ConfigOpt = Path(DEFAULT_CONFIG_FILE), cache: CacheOpt = None
             typer.echo(f"  {s['stage']:8} done {s['done']:>5}/{s['total']:<5} failed {s['failed']:>5}  "
                        f"blocked {s['blocked']:>5}  pending {s['pending']:>5}  {_size(s['bytes']):>9}  key {s['key']}")
             _echo_failures(s["failures"], errors)
+
+
+text_app = typer.Typer(no_args_is_help=True, help="Versions of the text assets (captions, CATE texts).")
+app.add_typer(text_app, name="text")
+
+
+@text_app.command("list")
+def text_list(config: ConfigOpt = Path(DEFAULT_CONFIG_FILE), cache: CacheOpt = None, dataset: DatasetOpt = None,
+              as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False) -> None:
+    """Every stored version of each text stage, with its backend, sample counts, token usage and cost."""
+    from affectprep.pipeline.text_versions import text_versions
+
+    project = load_project(config, [], cache)
+    versions = text_versions(project, dataset)
+    if as_json:
+        typer.echo(json.dumps(versions, indent=2))
+        return
+    typer.echo(f"{'dataset':12} {'stage':8} {'version':16} {'backend':34} {'ok':>6} {'failed':>6} "
+               f"{'tokens in/out':>17} {'cost USD':>9}  current")
+    for v in versions:
+        typer.echo(f"{v['dataset']:12} {v['stage']:8} {v['version']:16} {v['backend'][:34]:34} {v['ok']:>6} "
+                   f"{v['failed']:>6} {v['prompt_tokens']:>8}/{v['completion_tokens']:<8} {v['cost_usd']:>9.4f}  "
+                   f"{'*' if v['current'] else ''}")
+
+
+@text_app.command("export-batch")
+def text_export_batch(stage: Annotated[str, typer.Argument(help="captions or cate")],
+                      out: Annotated[Path, typer.Option(help="The JSONL request file to write.")],
+                      dataset: Annotated[str, typer.Option(help="The dataset whose pending samples to export.")],
+                      config: ConfigOpt = Path(DEFAULT_CONFIG_FILE), cache: CacheOpt = None,
+                      set_: Annotated[Optional[list[str]], typer.Option("--set", help="As for `run`.")] = None) -> None:
+    """Write the pending requests of a text stage as OpenAI Batch API JSONL (also read by `vllm run-batch`)."""
+    from affectprep.pipeline.batch_api import export_requests
+
+    count = export_requests(load_project(config, set_ or [], cache), dataset, stage, out)
+    typer.echo(f"wrote {count} request(s) to {out}; custom_id is the sample id")
+
+
+@text_app.command("import-batch")
+def text_import_batch(stage: Annotated[str, typer.Argument(help="captions or cate")],
+                      results: Annotated[Path, typer.Argument(help="The Batch API results JSONL.")],
+                      dataset: Annotated[str, typer.Option(help="The dataset the requests were exported from.")],
+                      config: ConfigOpt = Path(DEFAULT_CONFIG_FILE), cache: CacheOpt = None,
+                      set_: Annotated[Optional[list[str]], typer.Option("--set", help="As for `run`.")] = None) -> None:
+    """Store a Batch API results file as the stage's rows, for the same config it was exported with."""
+    from affectprep.pipeline.batch_api import import_results
+
+    ok, failed = import_results(load_project(config, set_ or [], cache), dataset, stage, results)
+    typer.echo(f"stored {ok} answer(s), {failed} failed (refused, empty, truncated or errored)")
+    if failed:
+        raise typer.Exit(EXIT_FAILED_SAMPLES)
 
 
 def _echo_failures(failures: list[dict], limit: int) -> None:

@@ -72,7 +72,55 @@ FACES = _schema("faces", [
     pa.field("landmark_source", pa.string()),         # "fan" (detected) | "template" (mean shape fitted to box+eyes)
 ])
 
-SCHEMAS: dict[str, pa.Schema] = {"index": INDEX, "frames": FRAMES, "faces": FACES}
+_TEXT_USAGE = [
+    pa.field("backend", pa.string()),                 # "motion" | "template" | "openai" | "hf" | "vllm" | "t5"
+    pa.field("model", pa.string()),
+    pa.field("prompt_tokens", pa.int32()),
+    pa.field("completion_tokens", pa.int32()),
+    pa.field("cost_usd", pa.float64()),
+]
+
+# GRACE's initial caption D_init: the facial movements of the clip, in FACS terms, without emotion words.
+CAPTIONS = _schema("captions", [pa.field("caption", pa.string()), *_TEXT_USAGE])
+
+# Top-k emotion predictions. Every row names the model that made it; the store's models.json lists the samples
+# each model trained on. in_fold = the model saw this sample's label, so text built from it would leak the label.
+EMOTIONS = _schema("emotions", [
+    pa.field("top_labels", pa.list_(pa.int32())),
+    pa.field("top_names", pa.list_(pa.string())),
+    pa.field("top_probs", pa.list_(pa.float32())),
+    pa.field("model_id", pa.string()),
+    pa.field("in_fold", pa.bool_()),
+])
+
+# CATE's refined description D_final = rewrite(D_init + the top-k emotion descriptor phrases).
+CATE = _schema("cate", [
+    pa.field("text", pa.string()),
+    pa.field("caption", pa.string()),                 # the D_init it was built from
+    pa.field("descriptors", pa.list_(pa.string())),   # "an emotion of happiness (p = 0.71)", best first
+    *_TEXT_USAGE,
+])
+
+# FACS knowledge per label set and per expression x AU pairing (SSM Table S4); sample_id holds the asset id,
+# e.g. "basic7" (kind "texts") or "basic7+bp4d12" (kind "prior").
+FACS = _schema("facs", [
+    pa.field("kind", pa.string()),
+    pa.field("label_set", pa.string()),
+    pa.field("au_set", pa.string()),
+    pa.field("names", pa.list_(pa.string())),
+    pa.field("au_names", pa.list_(pa.string())),
+    pa.field("texts", pa.list_(pa.string())),
+    pa.field("words", pa.list_(pa.string())),
+    pa.field("standalone", pa.list_(pa.string())),
+    pa.field("compound", pa.list_(pa.string())),
+    pa.field("descriptors", pa.list_(pa.string())),
+    pa.field("au_ids", pa.list_(pa.list_(pa.int32()))),
+    pa.field("prior", pa.list_(pa.list_(pa.float32()))),             # K expressions x M AUs
+    pa.field("prior_normalised", pa.list_(pa.list_(pa.float32()))),  # rows sum to 1
+])
+
+SCHEMAS: dict[str, pa.Schema] = {"index": INDEX, "frames": FRAMES, "faces": FACES, "captions": CAPTIONS,
+                                 "emotions": EMOTIONS, "cate": CATE, "facs": FACS}
 
 
 def schema_for(stage: str) -> pa.Schema:

@@ -124,14 +124,23 @@ def plan_stages(project: ProjectConfig, index: Store, target: str | None,
                 configs: dict[str, Any] | None = None) -> list[StagePlan]:
     configs = configs or stage_configs(project)
     keys = {"index": index.key}
+    meta = index.metadata()
+    context = {"cache": str(project.cache), "dataset": index.dataset,
+               "label_set": meta.get("affectprep.label_set"),
+               "label_names": json.loads(meta.get("affectprep.label_names", "[]"))}
     plans = []
     for cls in stages_up_to(target):
-        stage = cls(configs[cls.name])
+        try:
+            stage = cls(configs[cls.name])
+            identity = stage.identity()
+        except (ValueError, ImportError, OSError) as e:
+            raise ConfigError(f"stages.{cls.name}: {e}") from None
         config = {"stage": cls.name, "version": cls.version, "config": config_dict(stage.config),
-                  "identity": stage.identity(), "inputs": {up: keys[up] for up in cls.reads}}
+                  "identity": identity, "inputs": {up: keys[up] for up in cls.reads}}
         keys[cls.name] = cache_key(config)
-        plans.append(StagePlan(stage, keys[cls.name], Store(project.cache, index.dataset, cls.name,
-                                                             keys[cls.name]), config))
+        store = Store(project.cache, index.dataset, cls.name, keys[cls.name])
+        stage.context = {**context, "store_path": str(store.path)}
+        plans.append(StagePlan(stage, keys[cls.name], store, config))
     return plans
 
 
@@ -218,6 +227,26 @@ class _Chain:
     broken: bool = False
 
 
+def applies_to(stage: Stage, media_kind: str, label: int | None) -> bool:
+    """Whether a stage has work for a sample of this media kind and label (-1 = none, as in AU-only data)."""
+    if not stage.reads:  # an asset built from prompts/ alone, not from samples
+        return False
+    return media_kind in stage.media_kinds and (not stage.needs_label or (label is not None and label >= 0))
+
+
+def _segments(plans: list[StagePlan]) -> list[list[StagePlan]]:
+    """Consecutive sample-scope stages with the same batch size run as chained Dask tasks; a dataset-scope stage
+    runs alone, after everything before it."""
+    segments: list[list[StagePlan]] = []
+    for plan in plans:
+        last = segments[-1][-1].stage if segments else None
+        if last is not None and plan.stage.scope == last.scope == "sample" and plan.stage.batch_size == last.batch_size:
+            segments[-1].append(plan)
+        else:
+            segments.append([plan])
+    return segments
+
+
 def run_pipeline(project: ProjectConfig, target: str | None = None, datasets: list[str] | None = None, *,
                  scheduler: str | None = None, workers: int | None = None, limit: int | None = None,
                  batch_size: int = 4, retry_failed: bool = False, progress: bool = True) -> RunReport:
@@ -261,49 +290,88 @@ class _Runner:
             self.client, self.as_completed, self.workers = _connect(self.scheduler, self.workers, self.stack)
 
     def run_dataset(self, index: Store, plans: list[StagePlan], limit: int | None) -> list[StageReport]:
-        idx = index.read(["sample_id", "media_kind"], status=S.STATUS_OK)
-        kinds = dict(zip(idx.column("sample_id").to_pylist(), idx.column("media_kind").to_pylist()))
-        population = sorted(kinds)[:limit] if limit is not None else sorted(kinds)
+        idx = index.read(["sample_id", "media_kind", "label"], status=S.STATUS_OK)
+        info = {sid: (kind, label) for sid, kind, label in zip(*(idx.column(c).to_pylist() for c in idx.column_names))}
+        population = sorted(info)[:limit] if limit is not None else sorted(info)
+
+        def applies(plan: StagePlan, sid: str) -> bool:
+            return applies_to(plan.stage, *info[sid])
+
         reports, done = [], {}
         for plan in plans:
             statuses = plan.store.statuses()
             if self.retry_failed:
                 statuses = {k: v for k, v in statuses.items() if v == S.STATUS_OK}
             done[plan.stage.name] = statuses
-            applies = [s for s in population if kinds[s] in plan.stage.media_kinds]
-            reports.append(StageReport(index.dataset, plan.stage.name, plan.key, total=len(applies),
-                                       done_before=sum(s in statuses for s in applies)))
-        # Group samples by the first stage they still need; each group runs from there to the target.
-        groups: dict[int, list[str]] = {}
-        for sid in population:
-            todo = [i for i, p in enumerate(plans) if kinds[sid] in p.stage.media_kinds
-                    and sid not in done[p.stage.name]]
-            blocked = any(done[p.stage.name].get(sid) == S.STATUS_FAILED for p in plans[:todo[0]]) if todo else False
-            if todo and not blocked:
-                groups.setdefault(todo[0], []).append(sid)
-            elif todo:
-                reports[todo[0]].blocked += 1
-        if groups:
-            self._execute(index, plans, groups, done, reports)
+            applicable = [s for s in population if applies(plan, s)] if plan.stage.reads else list(statuses)
+            reports.append(StageReport(index.dataset, plan.stage.name, plan.key, total=len(applicable),
+                                       done_before=sum(s in statuses for s in applicable)))
+        for segment in _segments(plans):
+            first = plans.index(segment[0])
+            # A sample can run from a stage when every earlier stage that applies to it is done and ok.
+            ready: dict[int, list[str]] = {}
+            for sid in population:
+                todo = [plans.index(p) for p in segment if applies(p, sid) and sid not in done[p.stage.name]]
+                if not todo:
+                    continue
+                upstream_ok = all(done[p.stage.name].get(sid) == S.STATUS_OK
+                                  for p in plans[:todo[0]] if applies(p, sid))
+                if upstream_ok:
+                    ready.setdefault(todo[0], []).append(sid)
+                else:
+                    reports[todo[0]].blocked += 1
+            if segment[0].stage.scope == "dataset":
+                self._run_dataset_stage(index, plans, segment[0], ready.get(first, []), population, applies, done,
+                                        reports[first])
+            elif ready:
+                self._execute(index, plans, segment, ready, done, reports)
         for plan, rep in zip(plans, reports):
             statuses = plan.store.statuses()
-            rep.failed_total = sum(statuses.get(s) == S.STATUS_FAILED for s in population
-                                   if kinds[s] in plan.stage.media_kinds)
+            rep.failed_total = sum(statuses.get(s) == S.STATUS_FAILED for s in population if applies(plan, s))
         return reports
 
-    def _execute(self, index: Store, plans: list[StagePlan], groups: dict[int, list[str]],
+    def _run_dataset_stage(self, index: Store, plans: list[StagePlan], plan: StagePlan, pending: list[str],
+                           population: list[str], applies: Callable[[StagePlan, str], bool],
+                           done: dict[str, dict[str, str]], report: StageReport) -> None:
+        """Run a dataset-scope stage in this process: it learns from every ready sample, writes the pending ones.
+        A stage with no inputs (an asset such as the FACS tables) runs once, when its store is empty."""
+        if plan.stage.reads and not pending:
+            return
+        if not plan.stage.reads and plan.store.exists():
+            return
+        stage = plan.stage
+        ready = [sid for sid in population if applies(plan, sid) and all(
+            done[p.stage.name].get(sid) == S.STATUS_OK for p in plans[:plans.index(plan)] if applies(p, sid))]
+        with plan.store.lock():
+            plan.store.write_config(plan.config)
+            try:
+                stage.setup()
+                rows = stage.process_dataset(joined_rows(index, plans, plan, ready, set(pending)))
+            except (ValueError, ImportError, OSError) as e:  # a model that cannot load or does not fit the data
+                raise ConfigError(f"stage '{stage.name}': {e}") from None
+            plan.store.write(rows)
+        for row in rows:
+            done[stage.name][row["sample_id"]] = row["status"]
+            report.ok += row["status"] == S.STATUS_OK
+            report.failed += row["status"] == S.STATUS_FAILED
+        if not stage.reads:
+            report.total = len(rows)
+
+    def _execute(self, index: Store, plans: list[StagePlan], segment: list[StagePlan], groups: dict[int, list[str]],
                  done: dict[str, dict[str, str]], reports: list[StageReport]) -> None:
         self._ensure_client()
-        for plan in plans:
+        for plan in segment:
             self.stack.enter_context(plan.store.lock())
             plan.store.write_config(plan.config)
+        end = plans.index(segment[-1]) + 1
+        batch = segment[0].stage.batch_size or self.batch_size
         queue: deque[_Chain] = deque()
         for start, ids in sorted(groups.items()):
-            for i in range(0, len(ids), self.batch_size):
-                queue.append(_Chain(ids[i:i + self.batch_size], plans[start:]))
+            for i in range(0, len(ids), batch):
+                queue.append(_Chain(ids[i:i + batch], plans[start:end]))
         bars = {p.stage.name: tqdm(total=sum(len(c.ids) for c in queue if p in c.plans), desc=f"{index.dataset}/"
                 f"{p.stage.name}", unit="clip", disable=not self.progress, file=sys.stderr, leave=True)
-                for p in plans}
+                for p in segment}
         completed = self.as_completed()
         owner: dict[Any, tuple[_Chain, int]] = {}
         in_flight = 0
@@ -314,7 +382,7 @@ class _Runner:
             chain = queue.popleft()
             produced: dict[str, Any] = {}
             for pos, plan in enumerate(chain.plans):
-                inputs = {up: produced[up] if up in produced else self._read_rows(index, plans, up, chain.ids)
+                inputs = {up: produced[up] if up in produced else read_rows(index, plans, up, chain.ids)
                           for up in plan.stage.reads}
                 # Resources only on an external cluster: a LocalCluster advertises none, and would wait forever.
                 resources = plan.stage.resources() if self.scheduler not in (None, "inline") else {}
@@ -353,11 +421,6 @@ class _Runner:
             for bar in bars.values():
                 bar.close()
 
-    def _read_rows(self, index: Store, plans: list[StagePlan], upstream: str, ids: list[str]) -> list[dict]:
-        store = index if upstream == "index" else next(p.store for p in plans if p.stage.name == upstream)
-        columns = sorted({c for p in plans for c in p.stage.reads.get(upstream, ())} | {"sample_id", "status"})
-        return store.read(columns, ids=ids).to_pylist()
-
     def _record(self, plan: StagePlan, rows: list[dict], ids: list[str], done: dict[str, dict[str, str]],
                 report: StageReport, bars: dict[str, tqdm]) -> None:
         plan.store.write(rows)
@@ -375,16 +438,46 @@ class _Runner:
                  reports: list[StageReport], bars: dict[str, tqdm], plans: list[StagePlan]) -> None:
         """A task raised or its worker died. Retry each sample alone so one bad file cannot sink its neighbours;
         a sample that still fails alone is recorded as failed with the reason."""
-        start = next(i for i, p in enumerate(plans) if p is chain.plans[0])
         if len(chain.ids) > 1:
             for sid in chain.ids:
-                remaining = [p for p in plans[start:] if sid not in done[p.stage.name]]
+                remaining = [p for p in chain.plans if sid not in done[p.stage.name]]
                 if remaining:
                     queue.append(_Chain([sid], remaining))
             return
         plan = chain.plans[pos]
         message = f"worker failed while processing this sample: {type(error).__name__}: {error}"
         self._record(plan, [failed_row(chain.ids[0], message)], chain.ids, done, reports[plans.index(plan)], bars)
+
+
+def store_of(index: Store, plans: list[StagePlan], name: str) -> Store:
+    return index if name == "index" else next(p.store for p in plans if p.stage.name == name)
+
+def read_rows(index: Store, plans: list[StagePlan], upstream: str, ids: list[str]) -> list[dict]:
+    store = store_of(index, plans, upstream)
+    columns = sorted({c for p in plans for c in p.stage.reads.get(upstream, ())} | {"sample_id", "status"})
+    return store.read(columns, ids=ids).to_pylist()
+
+
+def joined_rows(index: Store, plans: list[StagePlan], plan: StagePlan, ids: list[str],
+                 pending: set[str]) -> Iterator[dict[str, Any]]:
+    """The stage's input rows for `ids`, streamed: the first upstream in `reads` part by part (it may hold
+    images), the others looked up by sample id."""
+    if not plan.stage.reads:
+        return
+    upstreams = list(plan.stage.reads)
+    lookups = {}
+    for upstream in upstreams[1:]:
+        rows = read_rows(index, plans, upstream, ids)
+        lookups[upstream] = {r["sample_id"]: r for r in rows}
+    streamed = store_of(index, plans, upstreams[0])
+    for table in streamed.iter_tables(["sample_id", *plan.stage.reads[upstreams[0]]], ids=ids,
+                                      status=S.STATUS_OK):
+        for row in table.to_pylist():
+            sid = row["sample_id"]
+            for upstream, rows in lookups.items():
+                row.update({c: rows[sid][c] for c in plan.stage.reads[upstream]})
+            row["pending"] = sid in pending
+            yield row
 
 
 # ---- status ------------------------------------------------------------------------------------------------------

@@ -28,9 +28,16 @@ class Stage:
     Config: ClassVar[type]                          # frozen dataclass; every field has a default
     reads: ClassVar[dict[str, tuple[str, ...]]]     # upstream store -> columns this stage needs from it
     media_kinds: ClassVar[frozenset[str]] = frozenset({"video", "frames", "image", "audio"})  # samples it applies to
+    needs_label: ClassVar[bool] = False             # applies only to samples with a class label (not AU-only data)
+    # "sample": process() maps rows to rows on the workers. "dataset": process_dataset() sees every sample at once
+    # (it trains on them), and runs in the client once the stages before it are complete.
+    scope: ClassVar[str] = "sample"
+    batch_size: ClassVar[int | None] = None         # samples per Dask task, when the stage wants more than the default
 
     def __init__(self, config: Any):
         self.config = config
+        # Set by the DAG before the stage is shipped to workers: cache root, dataset name, label set names.
+        self.context: dict[str, Any] = {}
 
     @classmethod
     def schema(cls) -> pa.Schema:
@@ -53,6 +60,11 @@ class Stage:
         return [self.process_guarded(row) for row in rows]
 
     def process_one(self, row: dict[str, Any]) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def process_dataset(self, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """For scope "dataset": every applicable sample's joined input rows -> output rows for those in `rows`
+        that are flagged `"pending": True` (the others are there to learn from)."""
         raise NotImplementedError
 
     def process_guarded(self, row: dict[str, Any]) -> dict[str, Any]:

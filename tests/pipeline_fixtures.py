@@ -36,7 +36,8 @@ def make_project(tmp: Path, clips: int = 14, stages: dict | None = None) -> Proj
     with open(csv, "a") as f:
         f.write("\n".join(rows) + "\n")
     project = ProjectConfig(tmp / "affectprep.toml", tmp / "cache", {"demo": DatasetConfig("demo", "dfew", root)},
-                            {"faces": {"backend": "haar"}, **(stages or {})})
+                            {"faces": {"backend": "haar"}, "captions": {"captioner": "motion"},
+                             "cate": {"llm": "template"}, **(stages or {})})
     write_project(project)
     return project
 

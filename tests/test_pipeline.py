@@ -171,7 +171,7 @@ def test_sigkill_half_way_then_rerun_completes_every_sample_exactly_once(tmp_pat
                   for p in st[name].parts())
         assert raw == len(ids), f"{name}: a sample was processed twice"
     assert set(st["frames"].statuses()) == expected
-    assert report.stages[-1].done_before == half
+    assert next(s for s in report.stages if s.stage == "faces").done_before == half
 
 
 # ---- a real dask.distributed cluster ----------------------------------------------------------------------------------
@@ -224,7 +224,7 @@ def test_frame_folders_are_media_like_videos(tmp_path):
     project = ProjectConfig(None, tmp_path / "cache", {"f": DatasetConfig("f", "dfew", root,
                                                                           {"media": "Clip/clip_224x224"})},
                             {"faces": {"backend": "haar"}})
-    report = run_pipeline(project, scheduler="inline", progress=False)
+    report = run_pipeline(project, "faces", scheduler="inline", progress=False)
     assert report.failed == 0 and report.stages[-1].ok == 2
     index = ensure_index(project, project.datasets["f"])
     frames = {p.stage.name: p.store for p in plan_stages(project, index, None)}["frames"]

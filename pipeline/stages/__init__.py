@@ -2,10 +2,17 @@
 from __future__ import annotations
 
 from ..stage import Stage
+from .captions import CaptionsStage
+from .cate import CateStage
+from .emotions import EmotionsStage
 from .faces import FacesStage
+from .facs import FacsStage
 from .frames import FramesStage
 
-STAGES: dict[str, type[Stage]] = {s.name: s for s in (FramesStage, FacesStage)}
+STAGES: dict[str, type[Stage]] = {s.name: s for s in (FramesStage, FacesStage, CaptionsStage, EmotionsStage,
+                                                      CateStage, FacsStage)}
+# Stages that only write text: switching the LLM or captioner reruns these and nothing else.
+TEXT_STAGES = ("captions", "cate")
 
 
 def stages_up_to(target: str | None) -> list[type[Stage]]:

@@ -1,0 +1,35 @@
+"""The side-by-side versions of the text stages: one store per (backend, model, prompt, generation parameters,
+inputs), named by its cache key. Training picks one by that name."""
+from __future__ import annotations
+
+from typing import Any
+
+import pyarrow.compute as pc
+
+from affectprep import schema as S
+from affectprep.config import ProjectConfig
+from affectprep.store import Store, list_keys
+
+from .dag import ensure_index, plan_stages, stage_configs
+from .stages import TEXT_STAGES
+
+
+def text_versions(project: ProjectConfig, datasets: list[str] | None = None) -> list[dict[str, Any]]:
+    configs = stage_configs(project)
+    out = []
+    for name in datasets or list(project.datasets):
+        index = ensure_index(project, project.datasets[name])
+        current = {p.stage.name: p.key for p in plan_stages(project, index, None, configs)}
+        for stage in TEXT_STAGES:
+            for key in list_keys(project.cache, name, stage):
+                store = Store(project.cache, name, stage, key)
+                config = (store.read_config() or {}).get("config", {})
+                table = store.read(["status", "prompt_tokens", "completion_tokens", "cost_usd"])
+                ok = table.filter(pc.equal(table.column("status"), S.STATUS_OK))
+                total = lambda col: pc.sum(ok.column(col)).as_py() or 0  # noqa: E731
+                out.append({"dataset": name, "stage": stage, "version": key,
+                            "backend": config.get("captioner") or config.get("llm") or "?",
+                            "prompt": config.get("prompt"), "ok": ok.num_rows, "failed": table.num_rows - ok.num_rows,
+                            "prompt_tokens": total("prompt_tokens"), "completion_tokens": total("completion_tokens"),
+                            "cost_usd": float(total("cost_usd")), "current": current.get(stage) == key})
+    return out
