@@ -147,6 +147,25 @@ def plan_stages(project: ProjectConfig, index: Store, target: str | None,
 # ---- execution -----------------------------------------------------------------------------------------------------
 
 _WORKER_STAGES: dict[str, Stage] = {}
+_WORKER_STORES: dict[Path, Store] = {}
+
+
+@dataclass(frozen=True)
+class StoreSlice:
+    """Some columns of some samples of a store, read where the task runs: the worker reads crops straight from
+    the store (a filesystem every worker sees, like the media) instead of the client shipping them."""
+    cache: Path
+    dataset: str
+    stage: str
+    key: str
+    columns: tuple[str, ...]
+    ids: tuple[str, ...]
+
+    def read(self) -> list[dict[str, Any]]:
+        path = Path(self.cache) / self.dataset / self.stage / self.key
+        # One Store per worker and path, so its cached map of which part holds each sample is built once.
+        store = _WORKER_STORES.setdefault(path, Store(self.cache, self.dataset, self.stage, self.key))
+        return store.read(list(self.columns), ids=self.ids).to_pylist()
 
 
 def run_batch(stage: Stage, key: str, ids: list[str], inputs: dict[str, list[dict[str, Any]]]) -> list[dict]:
@@ -161,6 +180,8 @@ def run_batch(stage: Stage, key: str, ids: list[str], inputs: dict[str, list[dic
     by_id: dict[str, dict[str, Any]] = {sid: {"sample_id": sid} for sid in ids}
     usable = set(ids)
     for upstream, rows in inputs.items():
+        if isinstance(rows, StoreSlice):
+            rows = rows.read()
         seen = set()
         for row in rows:
             if row["status"] != S.STATUS_OK:
@@ -359,7 +380,11 @@ class _Runner:
 
     def _execute(self, index: Store, plans: list[StagePlan], segment: list[StagePlan], groups: dict[int, list[str]],
                  done: dict[str, dict[str, str]], reports: list[StageReport]) -> None:
-        self._ensure_client()
+        if all(p.stage.runs_in_client() for p in segment):
+            client, as_completed, workers = _InlineClient(), _InlineAsCompleted, 1
+        else:
+            self._ensure_client()
+            client, as_completed, workers = self.client, self.as_completed, self.workers
         for plan in segment:
             self.stack.enter_context(plan.store.lock())
             plan.store.write_config(plan.config)
@@ -372,22 +397,22 @@ class _Runner:
         bars = {p.stage.name: tqdm(total=sum(len(c.ids) for c in queue if p in c.plans), desc=f"{index.dataset}/"
                 f"{p.stage.name}", unit="clip", disable=not self.progress, file=sys.stderr, leave=True)
                 for p in segment}
-        completed = self.as_completed()
+        completed = as_completed()
         owner: dict[Any, tuple[_Chain, int]] = {}
         in_flight = 0
-        max_in_flight = 2 * self.workers
+        max_in_flight = 2 * workers
 
         def submit_next() -> None:
             nonlocal in_flight
             chain = queue.popleft()
             produced: dict[str, Any] = {}
             for pos, plan in enumerate(chain.plans):
-                inputs = {up: produced[up] if up in produced else read_rows(index, plans, up, chain.ids)
+                inputs = {up: produced[up] if up in produced else store_slice(index, plans, up, chain.ids)
                           for up in plan.stage.reads}
                 # Resources only on an external cluster: a LocalCluster advertises none, and would wait forever.
                 resources = plan.stage.resources() if self.scheduler not in (None, "inline") else {}
-                future = self.client.submit(run_batch, plan.stage, plan.key, chain.ids, inputs, pure=False,
-                                            resources=resources or None)
+                future = client.submit(run_batch, plan.stage, plan.key, chain.ids, inputs, pure=False,
+                                       resources=resources or None)
                 produced[plan.stage.name] = future
                 owner[future] = (chain, pos)
                 chain.futures.append(future)
@@ -452,10 +477,18 @@ class _Runner:
 def store_of(index: Store, plans: list[StagePlan], name: str) -> Store:
     return index if name == "index" else next(p.store for p in plans if p.stage.name == name)
 
+def _columns(plans: list[StagePlan], upstream: str) -> list[str]:
+    return sorted({c for p in plans for c in p.stage.reads.get(upstream, ())} | {"sample_id", "status"})
+
+
 def read_rows(index: Store, plans: list[StagePlan], upstream: str, ids: list[str]) -> list[dict]:
+    return store_of(index, plans, upstream).read(_columns(plans, upstream), ids=ids).to_pylist()
+
+
+def store_slice(index: Store, plans: list[StagePlan], upstream: str, ids: list[str]) -> StoreSlice:
     store = store_of(index, plans, upstream)
-    columns = sorted({c for p in plans for c in p.stage.reads.get(upstream, ())} | {"sample_id", "status"})
-    return store.read(columns, ids=ids).to_pylist()
+    return StoreSlice(store.cache, store.dataset, store.stage, store.key, tuple(_columns(plans, upstream)),
+                      tuple(ids))
 
 
 def joined_rows(index: Store, plans: list[StagePlan], plan: StagePlan, ids: list[str],

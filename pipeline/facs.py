@@ -7,6 +7,7 @@ canonical name, never by position, so a table row can never land on the wrong ou
 from __future__ import annotations
 
 import csv
+import functools
 import re
 import string
 from dataclasses import dataclass
@@ -76,6 +77,7 @@ class FacsAsset:
     au_ids: tuple[tuple[int, ...], ...]  # per name: its full Table S4 AU composition, or the AU's own number
 
 
+@functools.lru_cache(maxsize=8)  # read once per process: the text stages ask for a descriptor per sample
 def load_tables(prompts_dir: Path = DEFAULT) -> FacsTables:
     """Parse and validate the FACS source tables; FacsTableError says what is wrong and where."""
     prompts_dir = Path(prompts_dir)

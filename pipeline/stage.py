@@ -47,6 +47,11 @@ class Stage:
         """What else determines the output: backend model name and weights hash, prompt file hashes."""
         return {}
 
+    def runs_in_client(self) -> bool:
+        """True for work that only waits on a remote service (LLM requests) or costs nothing: it runs in the
+        client process, with the backend's own concurrency, instead of being shipped to Dask workers."""
+        return False
+
     def resources(self) -> dict[str, float]:
         """Dask worker resources a task needs on a cluster, e.g. {"GPU": 1}; workers advertise them with
         `dask worker --resources GPU=1`."""

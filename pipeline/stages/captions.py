@@ -58,6 +58,9 @@ class CaptionsStage(Stage):
                                                     num_frames=self.config.num_frames, revision=None)
         return ident
 
+    def runs_in_client(self) -> bool:
+        return self.kind == "openai"
+
     def resources(self) -> dict[str, float]:
         return {"GPU": 1} if self.config.device.startswith("cuda") else {}
 

@@ -57,6 +57,9 @@ class CateStage(Stage):
             ident["model"] = T5Rewriter.describe(self.model, max_new_tokens=self.config.max_tokens)
         return ident
 
+    def runs_in_client(self) -> bool:
+        return self.kind in ("openai", "template")
+
     def setup(self) -> None:
         c = self.config
         if self.kind == "openai":
