@@ -62,8 +62,9 @@ def test_cate_rewrites_caption_plus_out_of_fold_top3(project, server):
     assert len(cate) == len(emotions) == 21
     row = next(iter(cate.values()))
     assert len(row["descriptors"]) == 3 and all(d.startswith("an emotion of ") for d in row["descriptors"])
-    sent = next(b for b in server.bodies if b["model"] == "gpt-4o-mini" and row["caption"] in json.dumps(b))
-    assert all(d in json.dumps(sent) for d in row["descriptors"])
+    # the rewrite request carried this sample's caption and its three descriptor phrases with probabilities
+    assert any(row["caption"] in json.dumps(b) and all(d in json.dumps(b) for d in row["descriptors"])
+               for b in server.bodies if b["model"] == "gpt-4o-mini")
     # cost = tokens x the gpt-4o-mini price per 1M tokens, exactly as the server counted them
     assert row["cost_usd"] == pytest.approx((row["prompt_tokens"] * 0.15 + row["completion_tokens"] * 0.60) / 1e6)
     assert row["completion_tokens"] == count_tokens(row["text"])
