@@ -67,7 +67,9 @@ class CaptionsStage(Stage):
     def setup(self) -> None:
         c = self.config
         if self.kind == "motion":
+            import cv2
             from ..backends.captioner_motion import MotionCaptioner
+            cv2.setNumThreads(1)  # one worker process per core already
             self.backend = MotionCaptioner()
         elif self.kind == "openai":
             self.backend = chat_client(c, self.context)
