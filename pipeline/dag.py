@@ -531,12 +531,12 @@ def describe(project: ProjectConfig, datasets: list[str] | None = None) -> list[
         counts = index_counts(index)
         entry["index"] = {**counts, "key": index.key, "bytes": index.size_bytes(),
                           "failures": _failures(index)}
-        idx = index.read(["sample_id", "media_kind"], status=S.STATUS_OK)
-        kinds = dict(zip(idx.column("sample_id").to_pylist(), idx.column("media_kind").to_pylist()))
+        idx = index.read(["sample_id", "media_kind", "label"], status=S.STATUS_OK).to_pylist()
         upstream_failed: set[str] = set()
         for plan in plan_stages(project, index, None, configs):
             statuses = plan.store.statuses()
-            applies = [s for s in kinds if kinds[s] in plan.stage.media_kinds]
+            applies = ([r["sample_id"] for r in idx if applies_to(plan.stage, r["media_kind"], r["label"])]
+                       if plan.stage.reads else list(statuses))   # an asset's rows are not samples
             done = sum(statuses.get(s) == S.STATUS_OK for s in applies)
             failed = {s for s in applies if statuses.get(s) == S.STATUS_FAILED}
             blocked = {s for s in applies if s in upstream_failed and s not in statuses}

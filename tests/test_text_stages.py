@@ -211,3 +211,10 @@ def test_batch_api_round_trip(project, tmp_path):
     assert rows[lines[0]["custom_id"]]["status"] == "failed" and "refused" in rows[lines[0]["custom_id"]]["error"]
     ok = rows[lines[1]["custom_id"]]
     assert ok["text"] == "rewritten 1" and ok["cost_usd"] == pytest.approx((100 * 0.15 + 10 * 0.6) / 1e6 * 0.5)
+
+
+def test_status_counts_labelled_stages_and_assets(project):
+    info = {s["stage"]: s for s in describe(project)[0]["stages"]}
+    assert info["facs"]["total"] == info["facs"]["done"] == 8 and info["facs"]["pending"] == 0
+    assert info["emotions"]["total"] == info["cate"]["total"] == 21
+    assert all(s["pending"] == 0 for s in info.values())

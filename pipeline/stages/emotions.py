@@ -133,7 +133,9 @@ class EmotionsStage(Stage):
         if folder and models:
             path = Path(folder) / "models.json"
             known = json.loads(path.read_text()) if path.exists() else {}
-            path.write_text(json.dumps({**known, **models}, indent=1, sort_keys=True))
+            tmp = path.with_name(".models.json.tmp")   # replaced whole, never left half-written
+            tmp.write_text(json.dumps({**known, **models}, indent=1, sort_keys=True))
+            tmp.replace(path)
 
 
 def _label_order(model_labels: list[str], names: list[str]) -> list[int]:
