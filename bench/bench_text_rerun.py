@@ -68,8 +68,8 @@ def main() -> None:
         clone_dataset(root, args.clips)
         clone_vision(project, processed, args.clips)
         with OpenAITestServer() as server:
-            overrides = [f'captions.captioner="openai:test-vlm"', f'captions.base_url="{server.base_url}"',
-                         f'cate.llm="openai:gpt-4o-mini"', f'cate.base_url="{server.base_url}"']
+            overrides = ['captions.captioner="openai:test-vlm"', f'captions.base_url="{server.base_url}"',
+                         'cate.llm="openai:gpt-4o-mini"', f'cate.base_url="{server.base_url}"']
             text = load_project(project.path, overrides)
             t: dict[str, float] = {}
             sent = {}
