@@ -131,6 +131,23 @@ def status(config: ConfigOpt = Path(DEFAULT_CONFIG_FILE), cache: CacheOpt = None
             _echo_failures(s["failures"], errors)
 
 
+@app.command()
+def compact(config: ConfigOpt = Path(DEFAULT_CONFIG_FILE), cache: CacheOpt = None, dataset: DatasetOpt = None) -> None:
+    """Merge each store's part files into one (every version of every stage), keeping the newest row per sample."""
+    from affectprep import schema
+    from affectprep.store import Store, list_keys
+
+    project = load_project(config, [], cache)
+    for name in dataset or list(project.datasets):
+        for stage in schema.SCHEMAS:
+            for key in list_keys(project.cache, name, stage):
+                store = Store(project.cache, name, stage, key)
+                with store.lock():
+                    removed = store.compact()
+                if removed:
+                    typer.echo(f"{name}/{stage}/{key}: {removed} parts -> 1 ({_size(store.size_bytes())})")
+
+
 text_app = typer.Typer(no_args_is_help=True, help="Versions of the text assets (captions, CATE texts).")
 app.add_typer(text_app, name="text")
 

@@ -89,6 +89,27 @@ class Store:
         _fsync_and_rename(tmp, self.path / name)
         return self.path / name
 
+    def compact(self) -> int:
+        """Rewrite the store as one part holding the newest row of each sample; returns the parts removed.
+
+        Streams part by part, so memory stays bounded by one part. The merged part is renamed into place before the
+        old parts are deleted: a crash in between leaves duplicates that read back once (the merged part is newest).
+        Call it under `lock()`."""
+        parts = self.parts()
+        if len(parts) < 2:
+            return 0
+        name = f"part-{time.time_ns():020d}-{os.getpid()}-{uuid.uuid4().hex[:8]}.parquet"
+        tmp = self.path / f".{name}.tmp"
+        metadata = pq.read_schema(parts[-1]).metadata
+        with pq.ParquetWriter(tmp, self.schema.with_metadata(metadata), compression="zstd") as writer:
+            for table in self.iter_tables():
+                writer.write_table(table.cast(self.schema.with_metadata(metadata)))
+        _fsync_and_rename(tmp, self.path / name)
+        for part in parts:
+            part.unlink()
+        self._winners = ((), {})
+        return len(parts)
+
     # ---- reading -------------------------------------------------------------------------------------------------
 
     def parts(self) -> list[Path]:

@@ -129,6 +129,11 @@ def test_cli_exit_codes(project, first_run, tmp_path):
     assert missing.returncode == 2 and "no project file" in missing.stderr
     stage = cli("run", "--config", str(project.path), "--stage", "nope")
     assert stage.returncode == 2 and "unknown stage" in stage.stderr
+    compacted = cli("compact", "--config", str(project.path))
+    assert compacted.returncode == 0 and "parts -> 1" in compacted.stdout
+    again = run_pipeline(project, scheduler="inline", progress=False)
+    assert all(s.ok == 0 and s.failed == 0 for s in again.stages)   # nothing redone after compaction
+    assert again.failed == first_run.failed
 
 
 def test_init_writes_every_option(tmp_path):

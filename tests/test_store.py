@@ -81,3 +81,19 @@ def test_keys_are_listed_side_by_side(tmp_path):
     Store(tmp_path, "ds", "frames", "k1").write([frames_row("a")])
     Store(tmp_path, "ds", "frames", "k2").write([frames_row("a")])
     assert sorted(list_keys(tmp_path, "ds", "frames")) == ["k1", "k2"]
+
+
+def test_compaction_keeps_the_newest_row_of_each_sample_in_one_part(tmp_path):
+    store = Store(tmp_path, "ds", "frames", "k1")
+    store.write([frames_row("a", "failed", "timeout"), frames_row("b")])
+    store.write([frames_row("c")])
+    store.write([frames_row("a")])
+    before = sorted(store.read().to_pylist(), key=lambda r: r["sample_id"])
+    with store.lock():
+        assert store.compact() == 3
+    assert len(store.parts()) == 1 and not list(tmp_path.rglob("*.tmp"))
+    assert sorted(store.read().to_pylist(), key=lambda r: r["sample_id"]) == before
+    assert store.statuses() == {"a": "ok", "b": "ok", "c": "ok"}
+    assert pq.read_schema(store.parts()[0]).metadata[b"affectprep.schema_version"] == str(S.SCHEMA_VERSION).encode()
+    with store.lock():
+        assert store.compact() == 0
