@@ -135,10 +135,11 @@ def status(config: ConfigOpt = Path(DEFAULT_CONFIG_FILE), cache: CacheOpt = None
 def compact(config: ConfigOpt = Path(DEFAULT_CONFIG_FILE), cache: CacheOpt = None, dataset: DatasetOpt = None) -> None:
     """Merge each store's part files into one (every version of every stage), keeping the newest row per sample."""
     from affectprep import schema
+    from affectprep.pipeline.dag import dataset_names
     from affectprep.store import Store, list_keys
 
     project = load_project(config, [], cache)
-    for name in dataset or list(project.datasets):
+    for name in dataset_names(project, dataset):
         for stage in schema.SCHEMAS:
             for key in list_keys(project.cache, name, stage):
                 store = Store(project.cache, name, stage, key)

@@ -273,12 +273,7 @@ def run_pipeline(project: ProjectConfig, target: str | None = None, datasets: li
                  batch_size: int = 4, retry_failed: bool = False, progress: bool = True) -> RunReport:
     if target is not None and target not in STAGES:
         raise ConfigError(f"unknown stage '{target}'; stages: {', '.join(STAGES)}")
-    names = datasets or list(project.datasets)
-    missing = [n for n in names if n not in project.datasets]
-    if missing:
-        raise ConfigError(f"unknown dataset(s) {missing}; the project has {sorted(project.datasets)}")
-    if not names:
-        raise ConfigError("the project has no datasets: add one with `affectprep init KIND --root PATH`")
+    names = dataset_names(project, datasets)
     configs = stage_configs(project)
     report = RunReport()
     with ExitStack() as stack:
@@ -290,6 +285,16 @@ def run_pipeline(project: ProjectConfig, target: str | None = None, datasets: li
             report.index[name] = index_counts(index)
             report.stages += runner.run_dataset(index, plans, limit)
     return report
+
+
+def dataset_names(project: ProjectConfig, datasets: list[str] | None) -> list[str]:
+    names = datasets or list(project.datasets)
+    missing = [n for n in names if n not in project.datasets]
+    if missing:
+        raise ConfigError(f"unknown dataset(s) {missing}; the project has {sorted(project.datasets)}")
+    if not names:
+        raise ConfigError("the project has no datasets: add one with `affectprep init KIND --root PATH`")
+    return names
 
 
 def index_counts(index: Store) -> dict[str, Any]:
@@ -520,7 +525,7 @@ def describe(project: ProjectConfig, datasets: list[str] | None = None) -> list[
     the failed samples with their errors. Reads stores only; builds and writes nothing."""
     configs = stage_configs(project)
     out = []
-    for name in datasets or list(project.datasets):
+    for name in dataset_names(project, datasets):
         ds = project.datasets[name]
         index, _, _ = index_store(project, ds)
         entry: dict[str, Any] = {"dataset": name, "kind": ds.kind, "root": str(ds.root), "stages": []}

@@ -10,14 +10,14 @@ from affectprep import schema as S
 from affectprep.config import ProjectConfig
 from affectprep.store import Store, list_keys
 
-from .dag import ensure_index, plan_stages, stage_configs
+from .dag import dataset_names, ensure_index, plan_stages, stage_configs
 from .stages import TEXT_STAGES
 
 
 def text_versions(project: ProjectConfig, datasets: list[str] | None = None) -> list[dict[str, Any]]:
     configs = stage_configs(project)
     out = []
-    for name in datasets or list(project.datasets):
+    for name in dataset_names(project, datasets):
         index = ensure_index(project, project.datasets[name])
         current = {p.stage.name: p.key for p in plan_stages(project, index, None, configs)}
         for stage in TEXT_STAGES:

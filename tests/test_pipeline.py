@@ -129,6 +129,8 @@ def test_cli_exit_codes(project, first_run, tmp_path):
     assert missing.returncode == 2 and "no project file" in missing.stderr
     stage = cli("run", "--config", str(project.path), "--stage", "nope")
     assert stage.returncode == 2 and "unknown stage" in stage.stderr
+    unknown = cli("status", "--config", str(project.path), "--dataset", "nope")
+    assert unknown.returncode == 2 and "unknown dataset" in unknown.stderr
     compacted = cli("compact", "--config", str(project.path))
     assert compacted.returncode == 0 and "parts -> 1" in compacted.stdout
     again = run_pipeline(project, scheduler="inline", progress=False)
