@@ -102,12 +102,14 @@ def read_image(path: Path) -> np.ndarray:
 def _read_decord(path: Path, indices: Sequence[int]) -> np.ndarray:
     import decord
     try:
-        # One thread: the DAG already runs one worker process per core.
-        reader = decord.VideoReader(str(path), ctx=decord.cpu(0), num_threads=1)
+        # One thread: the DAG already runs one worker process per core. A tiny fault_tol makes decord raise instead
+        # of silently handing back a neighbouring frame for one it could not decode; "auto" then retries with
+        # PyAV, which names the frame.
+        reader = decord.VideoReader(str(path), ctx=decord.cpu(0), num_threads=1, fault_tol=1e-9)
         if max(indices) >= len(reader):
             raise MediaError(f"frame {max(indices)} asked for, but {path.name} holds {len(reader)} frames")
         return reader.get_batch(list(indices)).asnumpy()
-    except decord.DECORDError as e:
+    except (decord.DECORDError, decord.DECORDLimitReachedError, RuntimeError) as e:
         raise MediaError(f"decord cannot read {path.name}: {str(e).splitlines()[0][:200]}") from None
 
 
