@@ -11,7 +11,7 @@ import tempfile
 from pathlib import Path
 
 from affectprep.pipeline.dag import run_pipeline
-from affectprep.pipeline.demo import render_clip
+from affectprep.pipeline.demo import render_clip, write_dfew_splits
 
 from common import project_for, timed
 
@@ -25,13 +25,7 @@ def make_dataset(root: Path, clips: int) -> Path:
     media.mkdir(parents=True)
     for i in range(clips):
         render_clip(CLASSES[i % 7], media / f"{i + 1:05d}.mp4", seed=i, num_frames=75, size=(640, 360))
-    for split in ("train", "test"):
-        folder = root / "EmoLabel_DataSplit" / f"{split}(single-labeled)"
-        folder.mkdir(parents=True)
-        for fold in range(1, 6):
-            ids = [i for i in range(clips) if (i % 5 + 1 == fold) == (split == "test")]
-            lines = ["video_name,label", *(f"{i + 1:05d},{i % 7 + 1}" for i in ids)]
-            (folder / f"set_{fold}.csv").write_text("\n".join(lines) + "\n")
+    write_dfew_splits(root, [(f"{i + 1:05d}", i % 7 + 1, i % 5 + 1) for i in range(clips)])
     return root
 
 

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from affectprep.config import load_project
 from affectprep.pipeline.dag import ensure_index, plan_stages, run_pipeline
-from affectprep.pipeline.demo import make_demo_dataset
+from affectprep.pipeline.demo import make_demo_dataset, write_dfew_splits
 
 from common import project_for, timed
 
@@ -31,12 +31,7 @@ def clone_dataset(root: Path, clips: int) -> None:
     sources = sorted(media.glob("*.mp4"))
     for i in range(len(sources), clips):
         shutil.copy(sources[i % len(sources)], media / f"{i + 1:05d}.mp4")
-    for split in ("train", "test"):
-        for fold in range(1, 6):
-            ids = [i for i in range(clips) if (i % 5 + 1 == fold) == (split == "test")]
-            lines = ["video_name,label", *(f"{i + 1:05d},{i % 7 + 1}" for i in ids)]
-            (root / "EmoLabel_DataSplit" / f"{split}(single-labeled)" / f"set_{fold}.csv").write_text(
-                "\n".join(lines) + "\n")
+    write_dfew_splits(root, [(f"{i + 1:05d}", i % 7 + 1, i % 5 + 1) for i in range(clips)])
 
 
 def vision_rows(project) -> dict[str, list[dict]]:

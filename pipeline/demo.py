@@ -201,11 +201,17 @@ def make_demo_dataset(out: Path, clips: int = 70, seed: int = 0) -> Path:
             for i, (name, code, _) in enumerate(rows)]
     with ProcessPoolExecutor(min(len(jobs), os.cpu_count() or 1)) as pool:
         list(pool.map(_render_job, jobs, chunksize=4))
+    write_dfew_splits(out, rows)
+    return out
+
+
+def write_dfew_splits(root: Path, rows: list[tuple[str, int, int]]) -> None:
+    """DFEW's 5-fold split files for (clip name, label code 1..7, test fold) rows: each clip is in the test set of
+    its fold and in the train set of the four others."""
     for split in ("train", "test"):
-        folder = out / "EmoLabel_DataSplit" / f"{split}(single-labeled)"
+        folder = root / "EmoLabel_DataSplit" / f"{split}(single-labeled)"
         folder.mkdir(parents=True, exist_ok=True)
         for fold in range(1, 6):
             chosen = [r for r in rows if (r[2] == fold) == (split == "test")]
             text = "video_name,label\n" + "".join(f"{name},{code}\n" for name, code, _ in chosen)
             (folder / f"set_{fold}.csv").write_text(text)
-    return out
