@@ -200,6 +200,121 @@ def text_import_batch(stage: Annotated[str, typer.Argument(help="captions or cat
         raise typer.Exit(EXIT_FAILED_SAMPLES)
 
 
+RunArg = Annotated[Path, typer.Argument(help="A run folder written by `affectprep train`.")]
+
+
+@app.command()
+def train(model: Annotated[Optional[str], typer.Argument(help="A registered model (not needed with --resume).")] = None,
+          config: ConfigOpt = Path(DEFAULT_CONFIG_FILE),
+          dataset: Annotated[Optional[str], typer.Option("--dataset", "-d", help="Expression dataset (default: "
+                                                         "the project's only one).")] = None,
+          au_dataset: Annotated[Optional[str], typer.Option(help="AU dataset, for models that learn AUs too.")] = None,
+          fold: Annotated[Optional[int], typer.Option(help="Test on this official fold (default: fixed split).")] = None,
+          text_version: Annotated[Optional[str], typer.Option(
+              help="Train on this text version (see `affectprep text list`); default: the current CATE texts.")] = None,
+          source: Annotated[Optional[str], typer.Option("--from", help="frames (end to end) or features (cached "
+                                                        "backbone outputs; heads only).")] = None,
+          set_: Annotated[Optional[list[str]], typer.Option("--set", help="OPTION=VALUE for training (epochs=5) "
+                                                            "or model.OPTION=VALUE (model.matching=cosine).")] = None,
+          tiny: Annotated[bool, typer.Option(help="The model's tiny test configuration.")] = False,
+          runs: Annotated[Path, typer.Option(help="Folder for run folders.")] = Path("runs"),
+          resume: Annotated[Optional[Path], typer.Option(help="Continue this run from its last checkpoint.")] = None,
+          stop_after_epoch: Annotated[Optional[int], typer.Option(
+              help="End after this epoch's checkpoint (continue later with --resume).")] = None) -> None:
+    """Train a model on the cached stores. Under `accelerate launch -m affectprep train ...` on several GPUs."""
+    from accelerate import PartialState
+
+    from affectprep.models.runs import RunFolder, TrainConfig
+    from affectprep.models.train import train as train_run
+
+    if resume is not None:
+        folder = RunFolder(resume)
+        train_config, sources = folder.config(), folder.sources()
+    else:
+        if model is None:
+            raise ConfigError("name a model to train (or --resume RUN)")
+        project = load_project(config)
+        raw = {k: v for k, v in project.train.items()}
+        raw["model"] = dict(raw.get("model", {}))
+        for item in set_ or []:
+            key, value = _split_setting(item)
+            if key.startswith("model."):
+                raw["model"][key[len("model."):]] = value
+            else:
+                raw[key] = value
+        raw.update(model_name=model, **{k: v for k, v in (("fold", fold), ("source", source)) if v is not None})
+        raw["tiny"] = tiny or raw.get("tiny", False)
+        train_config = TrainConfig.from_dict(raw)
+        sources = _training_sources(project, train_config, dataset, au_dataset, text_version)
+    path = train_run(train_config, sources, runs, resume=resume, stop_after_epoch=stop_after_epoch, echo=typer.echo)
+    if PartialState().is_main_process:
+        typer.echo(f"run folder: {path}")
+
+
+def _split_setting(item: str) -> tuple[str, object]:
+    from affectprep.config import parse_value
+
+    if "=" not in item:
+        raise ConfigError(f"--set expects OPTION=VALUE, got '{item}'")
+    key, value = item.split("=", 1)
+    return key.strip(), parse_value(value.strip())
+
+
+def _training_sources(project: ProjectConfig, config, dataset: str | None, au_dataset: str | None,
+                      text_version: str | None) -> dict:
+    from affectprep.train_sources import resolve_sources
+
+    if dataset is None:
+        if len(project.datasets) != 1:
+            raise ConfigError(f"name the dataset to train on with --dataset: one of {sorted(project.datasets)}")
+        dataset = next(iter(project.datasets))
+    features = config.source == "features"
+    main = resolve_sources(project, dataset, features=features, text_version=text_version)
+    if not main.au_names:
+        sources = {"expression": main}
+        if au_dataset is not None:
+            sources["au"] = resolve_sources(project, au_dataset, features=features,
+                                            expression_set=main.facs_ids["expression"])
+            if not sources["au"].au_names:
+                raise ConfigError(f"--au-dataset '{au_dataset}' has no AU labels")
+        return sources
+    if au_dataset is not None:
+        raise ConfigError(f"'{dataset}' is an AU dataset: pass it as --au-dataset and an expression --dataset")
+    return {"au": main}
+
+
+@app.command("eval")
+def eval_(run_dir: RunArg,
+          views: Annotated[Optional[int], typer.Option(min=1, help="Views per test sample (default: every "
+                                                                       "stored view).")] = None) -> None:
+    """Score a run's last checkpoint on its test data: UAR, WAR, per-class recall, confusion matrix (PNG and
+    table), AU F1. Writes eval-views<N>.json and prints the scores."""
+    from affectprep.models.evaluate import evaluate_run, summary_line
+    from affectprep.models.metrics import confusion_table
+    from affectprep.models.runs import RunFolder
+
+    results = evaluate_run(run_dir, views)
+    typer.echo(summary_line(results))
+    if "expression" in results:
+        names = RunFolder(run_dir).sources()["expression"].label_names
+        typer.echo(confusion_table(results["expression"]["confusion"], names))
+    if "au" in results:
+        for name, f1 in results["au"]["f1"].items():
+            typer.echo(f"  {name:8} F1 {'-' if f1 is None else f'{100 * f1:.1f}'}")
+    typer.echo(f"written: {run_dir}/eval-views{views or 'all'}.json")
+
+
+@app.command()
+def explain(run_dir: RunArg, sample: Annotated[str, typer.Argument(help="A sample id of the run's dataset.")],
+            out: Annotated[Optional[Path], typer.Option(help="Folder for the figures (default: RUN/explain).")] = None
+            ) -> None:
+    """Draw what the model matched for one sample (GRACE: the transport plan between caption phrases and frames)."""
+    from affectprep.models.explain import explain_sample
+
+    for path in explain_sample(run_dir, sample, out or run_dir / "explain"):
+        typer.echo(f"written: {path}")
+
+
 def _echo_failures(failures: list[dict], limit: int) -> None:
     for f in failures[:limit]:
         typer.echo(f"      {f['sample_id']}: {f['error']}")

@@ -36,6 +36,7 @@ class ProjectConfig:
     cache: Path
     datasets: dict[str, DatasetConfig] = field(default_factory=dict)
     stages: dict[str, dict[str, Any]] = field(default_factory=dict)  # raw options per stage, validated by the stage
+    train: dict[str, Any] = field(default_factory=dict)   # raw [train] options, validated by the trainer
 
 
 def load_project(path: Path | str | None = None, overrides: list[str] | tuple[str, ...] = (),
@@ -54,9 +55,10 @@ def load_project(path: Path | str | None = None, overrides: list[str] | tuple[st
 
 def project_from_dict(raw: dict[str, Any], path: Path | None, cache: Path | str | None = None) -> ProjectConfig:
     base = path.parent if path else Path.cwd()
-    unknown = set(raw) - {"project", "datasets", "stages"}
+    unknown = set(raw) - {"project", "datasets", "stages", "train"}
     if unknown:
-        raise ConfigError(f"unknown section(s) {sorted(unknown)} in {path}; expected project, datasets, stages")
+        raise ConfigError(f"unknown section(s) {sorted(unknown)} in {path}; expected project, datasets, stages, "
+                          f"train")
     project = raw.get("project", {})
     cache_dir = Path(cache) if cache else base / project.get("cache", "cache")
     datasets = {}
@@ -69,7 +71,7 @@ def project_from_dict(raw: dict[str, Any], path: Path | None, cache: Path | str 
         root_path = Path(root).expanduser()
         datasets[name] = DatasetConfig(name, kind, (base / root_path).resolve(), entry)
     stages = {k: dict(v) for k, v in raw.get("stages", {}).items()}
-    return ProjectConfig(path, cache_dir.resolve(), datasets, stages)
+    return ProjectConfig(path, cache_dir.resolve(), datasets, stages, dict(raw.get("train", {})))
 
 
 def project_to_dict(project: ProjectConfig) -> dict[str, Any]:
@@ -79,6 +81,7 @@ def project_to_dict(project: ProjectConfig) -> dict[str, Any]:
         "datasets": {d.name: {"kind": d.kind, "root": _relative(d.root, base), **d.options}
                      for d in project.datasets.values()},
         "stages": project.stages,
+        **({"train": project.train} if project.train else {}),
     }
 
 

@@ -17,6 +17,16 @@ Sets:
            MAFW's compound split files, each the "_"-joined mafw11 names in mafw11 order, sorted by their mafw11
            indices. The 32 combinations are the ones listed by the MAFW authors' baseline code (its `Group_multi`
            table of 43 classes); that table's own order is a dict iteration order, so it is not reused.
+- basic6   Oulu-CASIA and NVIE (six posed expressions, no neutral, no official numbering): basic7 without neutral,
+           in basic7 order, so a six-class head lines up with a seven-class one.
+- affectnet8  AffectNet 8-class. Order = AffectNet's own codes 0..7 (neutral, happy, sad, surprise, fear, disgust,
+           anger, contempt; written with the basic7 words). Codes 8..10 (none, uncertain, no-face) are outside every
+           protocol. AffectNet 7-class is basic7, mapped by name.
+- ferplus8 FER+. Order = the vote columns of FER+'s label files (neutral, happiness, surprise, sadness, anger,
+           disgust, fear, contempt; written with the basic7 words), then unknown and not-a-face, which are not
+           classes.
+- RAF-DB basic uses basic7, mapped by name from its codes 1..7 = surprise, fear, disgust, happiness, sadness, anger,
+           neutral.
 - iemocap4 IEMOCAP 4-class protocol: neutral, happy, angry, sad (= the common `{'neu': 0, 'hap': 1, 'ang': 2,
            'sad': 3}` order of speech-emotion repositories; MGCMA does not state an order). Excited is merged into
            happy; frustrated, surprised, fearful, disgusted, other and no-agreement (xxx) are outside the protocol.
@@ -52,6 +62,9 @@ class LabelSet:
 
 
 BASIC7 = ("happy", "sad", "neutral", "angry", "surprise", "disgust", "fear")
+BASIC6 = tuple(n for n in BASIC7 if n != "neutral")
+AFFECTNET8 = ("neutral", "happy", "sad", "surprise", "fear", "disgust", "angry", "contempt")
+FERPLUS8 = ("neutral", "happy", "surprise", "sad", "angry", "disgust", "fear", "contempt")
 MAFW11 = ("angry", "disgust", "fear", "happy", "neutral", "sad", "surprise",
           "contempt", "anxiety", "helplessness", "disappointment")
 IEMOCAP4 = ("neutral", "happy", "angry", "sad")
@@ -80,6 +93,13 @@ MAFW_COMPOUNDS = (
 
 DFEW_CODES = {str(code): name for code, name in enumerate(BASIC7, start=1)}     # "1" -> "happy" ... "7" -> "fear"
 FERV39K_NAMES = {name: name for name in BASIC7}                                  # matched case-insensitively
+RAFDB_CODES = {"1": "surprise", "2": "fear", "3": "disgust", "4": "happy", "5": "sad", "6": "angry", "7": "neutral"}
+AFFECTNET_CODES = {str(code): name for code, name in enumerate(AFFECTNET8)}                 # "0" -> "neutral" ...
+AFFECTNET_EXCLUDED = {"8": "none", "9": "uncertain", "10": "no-face"}
+FERPLUS_VOTES = (*FERPLUS8, "unknown", "not-face")      # the ten vote columns of FER+'s label.csv, in file order
+# The expression words of Oulu-CASIA's folders and NVIE's labels (matched case-insensitively) -> canonical name.
+EXPRESSION_NOUNS = {"anger": "angry", "disgust": "disgust", "fear": "fear", "happiness": "happy", "sadness": "sad",
+                    "surprise": "surprise"}
 IEMOCAP_CODES = {"neu": "neutral", "hap": "happy", "exc": "happy", "ang": "angry", "sad": "sad"}
 IEMOCAP_EXCLUDED = frozenset({"fru", "sur", "fea", "dis", "oth", "xxx"})
 
@@ -103,6 +123,9 @@ MAFW43 = tuple(_compound_name(ix) for ix in _MAFW43_INDICES)
 
 _SETS = {
     "basic7": LabelSet("basic7", BASIC7),
+    "basic6": LabelSet("basic6", BASIC6),
+    "affectnet8": LabelSet("affectnet8", AFFECTNET8),
+    "ferplus8": LabelSet("ferplus8", FERPLUS8),
     "mafw11": LabelSet("mafw11", MAFW11),
     "mafw43": LabelSet("mafw43", MAFW43),
     "iemocap4": LabelSet("iemocap4", IEMOCAP4),
@@ -133,6 +156,34 @@ def ferv39k_index(name: str) -> int:
     if canonical is None:
         raise UnknownLabel(f"unknown label '{name.strip()}' (expected one of {', '.join(n.title() for n in BASIC7)})")
     return BASIC7.index(canonical)
+
+
+def rafdb_index(code: str) -> int:
+    """RAF-DB basic code "1".."7" (surprise, fear, disgust, happiness, sadness, anger, neutral) -> basic7 index."""
+    name = RAFDB_CODES.get(code.strip())
+    if name is None:
+        raise UnknownLabel(f"unknown label '{code.strip()}' (expected 1..7)")
+    return BASIC7.index(name)
+
+
+def affectnet_index(code: str, classes: int) -> int:
+    """AffectNet expression code "0".."7" -> basic7 index (classes=7) or affectnet8 index (classes=8). Callers
+    check AFFECTNET_EXCLUDED (and contempt, for 7 classes) first to count those instead."""
+    name = AFFECTNET_CODES.get(code.strip())
+    if name is None or (classes == 7 and name == "contempt"):
+        expected = "0..6" if classes == 7 else "0..7"
+        raise UnknownLabel(f"unknown label '{code.strip()}' (expected {expected}, or an excluded code: "
+                           f"{', '.join(f'{c} = {n}' for c, n in AFFECTNET_EXCLUDED.items())})")
+    return BASIC7.index(name) if classes == 7 else AFFECTNET8.index(name)
+
+
+def basic6_index(noun: str) -> int:
+    """Expression noun ("Anger", "happiness", ...) -> basic6 index."""
+    name = EXPRESSION_NOUNS.get(noun.strip().lower())
+    if name is None:
+        raise UnknownLabel(f"unknown label '{noun.strip()}' (expected one of "
+                           f"{', '.join(n.title() for n in EXPRESSION_NOUNS)})")
+    return BASIC6.index(name)
 
 
 def mafw_index(name: str) -> int:

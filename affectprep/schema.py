@@ -119,8 +119,35 @@ FACS = _schema("facs", [
     pa.field("prior_normalised", pa.list_(pa.list_(pa.float32()))),  # rows sum to 1
 ])
 
+# One utterance (IEMOCAP): 16 kHz mono 16-bit PCM, little-endian, and its transcript.
+AUDIO = _schema("audio", [
+    pa.field("waveform", pa.binary()),                # int16 PCM samples
+    pa.field("sample_rate", pa.int32()),
+    pa.field("num_samples", pa.int32()),
+    pa.field("transcript", pa.string()),
+])
+
+# Frozen vision backbone outputs, so that `train --from features` trains only the heads. Each array is stored as
+# raw little-endian float16 bytes plus its shape; an array whose backbone is not configured is null.
+FEATURES = _schema("features", [
+    pa.field("visual_tokens", pa.binary()),           # VideoMAE patch tokens, shape (views, T', H'*W', D)
+    pa.field("visual_shape", pa.list_(pa.int32())),
+    pa.field("frame_features", pa.binary()),          # CLIP image embedding per frame, shape (views, T, D)
+    pa.field("frame_shape", pa.list_(pa.int32())),
+    pa.field("encoders", pa.string()),                # JSON: which checkpoint made each array
+])
+
+# Text encoder token embeddings of one text version (a separate stage, so a new LLM text never redoes vision).
+TEXT_FEATURES = _schema("text_features", [
+    pa.field("text_tokens", pa.binary()),             # shape (L, D): the real tokens only, no padding
+    pa.field("text_shape", pa.list_(pa.int32())),
+    pa.field("text", pa.string()),                    # the text that was embedded
+    pa.field("encoder", pa.string()),
+])
+
 SCHEMAS: dict[str, pa.Schema] = {"index": INDEX, "frames": FRAMES, "faces": FACES, "captions": CAPTIONS,
-                                 "emotions": EMOTIONS, "cate": CATE, "facs": FACS}
+                                 "emotions": EMOTIONS, "cate": CATE, "facs": FACS, "audio": AUDIO,
+                                 "features": FEATURES, "text_features": TEXT_FEATURES}
 
 
 def schema_for(stage: str) -> pa.Schema:

@@ -32,14 +32,12 @@ from affectprep import schema as S
 from affectprep.store import Store
 
 from .losses import inverse_sqrt_class_weights as _weights_from_counts
+from .registry import IMAGENET_MEAN, IMAGENET_STD
 
 log = logging.getLogger(__name__)
 
-# VideoMAE (GRACE's encoder) was pre-trained on frames normalised with the ImageNet statistics.
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-
 PARTS = ("train", "test", "val")
+TASKS = ("expression", "au")
 
 T = TypeVar("T")
 
@@ -50,11 +48,16 @@ class Split:
     fold: int | None = None          # None -> use the `split` column ("train"/"test"/"val")
 
 
-def select_samples(index: Store, split: Split, part: str) -> list[dict]:
-    """The index rows of `part` ("train", "test" or "val") with status ok and a label, sorted by sample_id."""
+def select_samples(index: Store, split: Split, part: str, task: str = "expression") -> list[dict]:
+    """The index rows of `part` ("train", "test" or "val") with status ok and a label for `task` (an expression
+    class, or AU occurrences for "au"), sorted by sample_id."""
     if part not in PARTS:
         raise ValueError(f"unknown part {part!r}; choose one of {', '.join(PARTS)}")
-    rows = [r for r in index.read(status=S.STATUS_OK).to_pylist() if r["label"] is not None and r["label"] >= 0]
+    if task not in TASKS:
+        raise ValueError(f"unknown task {task!r}; choose one of {', '.join(TASKS)}")
+    labelled = ((lambda r: r["label"] is not None and r["label"] >= 0) if task == "expression"
+                else (lambda r: bool(r.get("au"))))
+    rows = [r for r in index.read(status=S.STATUS_OK).to_pylist() if labelled(r)]
     if split.fold is None:
         chosen = [r for r in rows if r["split"] == part]
     else:
@@ -114,27 +117,38 @@ class ClipAugment:
 
     def __call__(self, frames: np.ndarray, rng: np.random.Generator | None = None) -> torch.Tensor:
         """(T, H, W, 3) uint8 RGB -> (T, 3, size, size) float32. `rng` overrides the augment's own generator."""
+        return self.with_landmarks(frames, None, rng)[0]
+
+    def with_landmarks(self, frames: np.ndarray, landmarks: np.ndarray | None,
+                       rng: np.random.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Also moves landmarks (T, P, 2), given in [0, 1] of the frame, with the crop and the flip; a flip
+        mirrors x and, for the 68-point layout, swaps left and right points so each index keeps its meaning."""
         frames = np.asarray(frames)
         if frames.ndim != 4 or frames.shape[-1] != 3 or frames.dtype != np.uint8 or 0 in frames.shape:
             raise ValueError(f"expected frames of shape (T, H, W, 3) and dtype uint8, got {frames.shape} "
                              f"{frames.dtype}")
         rng = rng if rng is not None else self.rng
+        height, width = frames.shape[1:3]
         if self.train:
-            frames = self._crop(frames, rng)
+            top, left, side = self._crop_box(height, width, rng)
+            frames = frames[:, top:top + side, left:left + side]
+            if landmarks is not None:
+                landmarks = (landmarks * np.array([width, height], np.float32) - [left, top]) / side
         frames = np.stack([self._resize(f) for f in frames])
         if self.train and rng.random() < self.flip:
             frames = frames[:, :, ::-1]
+            if landmarks is not None:
+                landmarks = _mirror_landmarks(landmarks)
         clip = (frames.transpose(0, 3, 1, 2).astype(np.float32) / 255 - self.mean) / self.std
         if self.train and rng.random() < self.erase:
             self._erase(clip, rng)
-        return torch.from_numpy(np.ascontiguousarray(clip))
+        points = None if landmarks is None else torch.from_numpy(np.ascontiguousarray(landmarks, dtype=np.float32))
+        return torch.from_numpy(np.ascontiguousarray(clip)), points
 
-    def _crop(self, frames: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-        height, width = frames.shape[1:3]
+    def _crop_box(self, height: int, width: int, rng: np.random.Generator) -> tuple[int, int, int]:
         # Aligned faces are square and centred: keep the crop square so the face is not distorted.
         side = max(1, round(min(height, width) * np.sqrt(rng.uniform(*self.scale))))
-        top, left = rng.integers(0, height - side + 1), rng.integers(0, width - side + 1)
-        return frames[:, top:top + side, left:left + side]
+        return int(rng.integers(0, height - side + 1)), int(rng.integers(0, width - side + 1)), side
 
     def _resize(self, frame: np.ndarray) -> np.ndarray:
         if frame.shape[:2] == (self.size, self.size):
@@ -153,30 +167,54 @@ class ClipAugment:
         clip[:, :, top:top + h, left:left + w] = rng.standard_normal((clip.shape[0], 3, h, w), dtype=np.float32)
 
 
-class StoreClips(IterableDataset):
-    """Streams (frames, label, sample_id[, text]) from a faces store part by part: memory does not grow with the
-    dataset. Shuffles within a bounded buffer (seeded per epoch); splits work across DataLoader workers AND
-    across distributed ranks (rank/world_size arguments) without duplicating or dropping samples; picks view
-    `view` (0 for training, None for every view: multi-view testing yields one item per sample and view).
+# 68-point (iBUG) layout: the index each point takes in a mirrored face (jaw, brows, nose, eyes, mouth reversed).
+_MIRROR_68 = np.array([*range(16, -1, -1), *range(26, 16, -1), *range(27, 31), *range(35, 30, -1),
+                       45, 44, 43, 42, 47, 46, 39, 38, 37, 36, 41, 40,
+                       54, 53, 52, 51, 50, 49, 48, 59, 58, 57, 56, 55, 64, 63, 62, 61, 60, 67, 66, 65])
 
-    shuffle_buffer=0 keeps the store's order (evaluation). Samples that are not ok in the faces store, lack the
-    asked view or lack a text (when `texts` is given) are skipped: `missing` counts them and `missing_reasons`
-    says why, per sample. A clip whose JPEG will not decode is skipped with a logged warning.
+
+def _mirror_landmarks(points: np.ndarray) -> np.ndarray:
+    mirrored = points.copy()
+    mirrored[..., 0] = 1.0 - mirrored[..., 0]
+    return mirrored[:, _MIRROR_68] if points.shape[1] == len(_MIRROR_68) else mirrored
+
+
+class StoreSamples(IterableDataset):
+    """Streams one item per (sample, view) from a store, part by part: memory does not grow with the dataset.
+    Shuffles within a bounded buffer (seeded per epoch); splits work across DataLoader workers AND across
+    distributed ranks (rank/world_size arguments) without duplicating or dropping samples; picks view `view`
+    (0 for training, None for every view — or the first `max_views` — for multi-view testing, which yields one
+    item per sample and view).
+
+    shuffle_buffer=0 keeps the store's order (evaluation). drop_remainder=True (training under several processes)
+    leaves out the few samples of an epoch's order that would give one rank more than the others, so every rank
+    runs the same number of steps; which samples those are changes with the epoch's shuffle. Samples that are not
+    ok in the store, lack the asked view or lack a text (when `texts` is given) are skipped: `missing` counts them
+    and `missing_reasons` says why, per sample. An item that will not decode is skipped with a logged warning.
+
+    Subclasses say which columns to read and how a row becomes an item.
     """
 
-    def __init__(self, faces: Store, samples: list[dict], *, augment: ClipAugment,
-                 texts: dict[str, str] | None = None, view: int | None = 0, shuffle_buffer: int = 256,
-                 seed: int = 3407, rank: int = 0, world_size: int = 1):
+    plan_columns: tuple[str, ...] = ("sample_id",)   # small columns that give each sample's number of views
+    item_columns: tuple[str, ...] = ("sample_id",)   # what `_item` needs
+
+    def __init__(self, store: Store, samples: list[dict], *, texts: dict[str, str] | None = None,
+                 view: int | None = 0, max_views: int | None = None, shuffle_buffer: int = 256,
+                 seed: int = 3407, rank: int = 0, world_size: int = 1, drop_remainder: bool = False):
         super().__init__()
         shard([], rank, world_size)  # validates rank and world_size
         if view is not None and view < 0:
             raise ValueError(f"view must be a view index >= 0 or None for every view, got {view}")
         if shuffle_buffer < 0:
             raise ValueError(f"shuffle_buffer must be >= 0, got {shuffle_buffer}")
-        self.faces, self.augment, self.texts, self.view = faces, augment, texts, view
+        if max_views is not None and max_views < 1:
+            raise ValueError(f"max_views must be at least 1, got {max_views}")
+        self.store, self.texts, self.view, self.max_views = store, texts, view, max_views
         self.shuffle_buffer, self.seed, self.rank, self.world_size = shuffle_buffer, seed, rank, world_size
+        self.drop_remainder = drop_remainder
         self.epoch = 0
-        self.labels = {s["sample_id"]: int(s["label"]) for s in samples}
+        self.labels = {s["sample_id"]: _label(s.get("label")) for s in samples}
+        self.aus = {s["sample_id"]: s["au"] for s in samples if s.get("au")}
         self.missing_reasons: dict[str, str] = {}
         self._groups = self._part_groups(samples)
         self._part_of = {sid: i for i, group in enumerate(self._groups) for sid, _ in group}
@@ -188,16 +226,20 @@ class StoreClips(IterableDataset):
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
+    def usable_ids(self) -> list[str]:
+        """Every sample this dataset can yield (all ranks together)."""
+        return [sid for group in self._groups for sid, _ in group]
+
     def __len__(self) -> int:
         """Items this rank yields per epoch (all its workers together)."""
-        return sum(len(self._views(n)) for _, n in shard(self._ordered(None), self.rank, self.world_size))
+        return sum(len(self._views(n)) for _, n in self._mine(None))
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         worker = get_worker_info()
         worker_id, num_workers = (worker.id, worker.num_workers) if worker else (0, 1)
         rng = np.random.default_rng([self.seed, self.epoch, self.rank, worker_id])
-        plan = self._ordered(np.random.default_rng([self.seed, self.epoch]) if self.shuffle_buffer else None)
-        mine = shard(shard(plan, self.rank, self.world_size), worker_id, num_workers)
+        order = np.random.default_rng([self.seed, self.epoch]) if self.shuffle_buffer else None
+        mine = shard(self._mine(order), worker_id, num_workers)
         items = self._read(mine)
         for item in _shuffled(items, self.shuffle_buffer, rng) if self.shuffle_buffer else items:
             decoded = self._decode(item, rng)
@@ -206,80 +248,219 @@ class StoreClips(IterableDataset):
 
     # ---- planning ------------------------------------------------------------------------------------------------
 
+    def _num_views(self, row: dict[str, Any]) -> int:
+        return 1
+
     def _part_groups(self, samples: list[dict]) -> list[list[tuple[str, int]]]:
-        """(sample_id, num_views) of the usable samples, grouped by the part file holding their newest faces row.
+        """(sample_id, num_views) of the usable samples, grouped by the part file holding their newest row.
 
         Reads only small columns; iter_tables yields one table per part, which gives the grouping.
         """
         wanted = set(self.labels)
         groups, found = [], set()
-        for table in self.faces.iter_tables(["sample_id", "num_views"], ids=wanted, status=S.STATUS_OK):
+        stage = self.store.stage
+        for table in self.store.iter_tables(list(self.plan_columns), ids=wanted, status=S.STATUS_OK):
             group = []
-            for sid, num_views in zip(table.column("sample_id").to_pylist(), table.column("num_views").to_pylist()):
+            for row in table.to_pylist():
+                sid, num_views = row["sample_id"], self._num_views(row)
                 found.add(sid)
-                if self.view is not None and self.view >= num_views:
-                    self.missing_reasons[sid] = f"has {num_views} view(s) in the faces store, view {self.view} asked"
-                elif self.texts is not None and not self.texts.get(sid):
-                    self.missing_reasons[sid] = "has no text"
+                reason = self._unusable(sid, num_views)
+                if reason:
+                    self.missing_reasons[sid] = reason
                 else:
                     group.append((sid, num_views))
             if group:
                 groups.append(sorted(group))
         errors = dict(zip(*self._failed_rows(wanted - found)))
         for sid in sorted(wanted - found):
-            self.missing_reasons[sid] = (f"failed in the faces stage: {errors[sid]}" if sid in errors
-                                         else "is not in the faces store")
+            self.missing_reasons[sid] = (f"failed in the {stage} stage: {errors[sid]}" if sid in errors
+                                         else f"is not in the {stage} store")
         return groups
+
+    def _unusable(self, sample_id: str, num_views: int) -> str | None:
+        """Why a sample that is ok in the store cannot be used, or None."""
+        if self.view is not None and self.view >= num_views:
+            return f"has {num_views} view(s) in the {self.store.stage} store, view {self.view} asked"
+        if self.texts is not None and not self.texts.get(sample_id):
+            return "has no text"
+        return None
 
     def _failed_rows(self, ids: set[str]) -> tuple[list[str], list[str]]:
         if not ids:
             return [], []
-        table = self.faces.read(["sample_id", "error"], ids=ids, status=S.STATUS_FAILED)
+        table = self.store.read(["sample_id", "error"], ids=ids, status=S.STATUS_FAILED)
         return table.column("sample_id").to_pylist(), [e or "no error recorded" for e in
                                                          table.column("error").to_pylist()]
 
-    def _ordered(self, rng: np.random.Generator | None) -> list[tuple[str, int]]:
-        """Every usable sample in this epoch's order: parts (and samples within a part) permuted by `rng`."""
+    def _mine(self, rng: np.random.Generator | None) -> list[tuple[str, int]]:
+        """This rank's share of the epoch's order: parts (and samples within a part) permuted by `rng`."""
         groups = [list(g) for g in self._groups]
         if rng is not None:
             groups = [groups[i] for i in rng.permutation(len(groups))]
             for g in groups:
                 rng.shuffle(g)
-        return [s for g in groups for s in g]
+        order = [s for g in groups for s in g]
+        if self.drop_remainder:
+            order = order[:len(order) - len(order) % self.world_size]
+        return shard(order, self.rank, self.world_size)
 
     def _views(self, num_views: int) -> list[int]:
-        return list(range(num_views)) if self.view is None else [self.view]
+        if self.view is not None:
+            return [self.view]
+        return list(range(num_views if self.max_views is None else min(num_views, self.max_views)))
 
     # ---- reading -------------------------------------------------------------------------------------------------
 
-    def _read(self, mine: list[tuple[str, int]]) -> Iterator[tuple[str, int, list[bytes]]]:
-        """(sample_id, view, JPEG crops of that view) in `mine`'s order, opening one part file at a time."""
+    def _read(self, mine: list[tuple[str, int]]) -> Iterator[tuple[dict[str, Any], int]]:
+        """(row, view) in `mine`'s order, opening one part file at a time."""
         for _, run in itertools.groupby(mine, key=lambda entry: self._part_of[entry[0]]):
             run = list(run)
             # With ids given, iter_tables opens only the part holding their newest rows.
-            tables = self.faces.iter_tables(["sample_id", "frames_per_view", "crops"], ids=[s for s, _ in run],
-                                            status=S.STATUS_OK)
+            tables = self.store.iter_tables(list(self.item_columns), ids=[s for s, _ in run], status=S.STATUS_OK)
             rows = {r["sample_id"]: r for t in tables for r in t.to_pylist()}
+            joined = self._joined([s for s, _ in run])
             for sample_id, num_views in run:
                 row = rows.pop(sample_id, None)
                 if row is None:  # rewritten as failed since this dataset was made
-                    log.warning("skipping %s: no longer ok in %s", sample_id, self.faces)
+                    log.warning("skipping %s: no longer ok in %s", sample_id, self.store)
                     continue
-                per_view = row["frames_per_view"]
+                row.update(joined.get(sample_id, {}))
                 for view in self._views(num_views):
-                    yield sample_id, view, row["crops"][view * per_view:(view + 1) * per_view]
+                    yield row, view
 
-    def _decode(self, item: tuple[str, int, list[bytes]], rng: np.random.Generator) -> dict[str, Any] | None:
-        sample_id, view, crops = item
+    def _joined(self, ids: list[str]) -> dict[str, dict[str, Any]]:
+        """Columns of other stores for these samples, merged into their rows (none by default)."""
+        return {}
+
+    def _decode(self, item: tuple[dict[str, Any], int], rng: np.random.Generator) -> dict[str, Any] | None:
+        row, view = item
+        sample_id = row["sample_id"]
         try:
-            frames = self.augment(decode_frames(crops), rng)
+            out = self._item(row, view, rng)
         except ValueError as e:
-            log.warning("skipping %s view %d of %s: %s", sample_id, view, self.faces, e)
+            log.warning("skipping %s view %d of %s: %s", sample_id, view, self.store, e)
             return None
-        out = {"frames": frames, "label": self.labels[sample_id], "sample_id": sample_id, "view": view}
+        out.update(label=self.labels[sample_id], sample_id=sample_id, view=view)
+        if sample_id in self.aus:
+            out["au"] = self.aus[sample_id]
         if self.texts is not None:
             out["text"] = self.texts[sample_id]
         return out
+
+    def _item(self, row: dict[str, Any], view: int, rng: np.random.Generator) -> dict[str, Any]:
+        raise NotImplementedError
+
+
+class StoreClips(StoreSamples):
+    """Aligned face clips (or single aligned images) from a `faces` store, augmented by `augment`; with
+    landmarks=True each item also carries the clip's landmarks (T, 68, 2) in [0, 1] of the augmented crop.
+    num_frames: frames per item, taken evenly from each stored view when it holds a different number (a 4-frame
+    tiny model on 16-frame clips; one frame of a clip for an image model); None keeps them all."""
+
+    plan_columns = ("sample_id", "num_views")
+
+    def __init__(self, faces: Store, samples: list[dict], *, augment: ClipAugment, landmarks: bool = False,
+                 num_frames: int | None = None, **options):
+        if num_frames is not None and num_frames < 1:
+            raise ValueError(f"num_frames must be at least 1, got {num_frames}")
+        self.augment, self.landmarks, self.num_frames = augment, landmarks, num_frames
+        self.item_columns = ("sample_id", "frames_per_view", "crops", "size") + (("landmarks",) if landmarks else ())
+        super().__init__(faces, samples, **options)
+
+    @property
+    def faces(self) -> Store:
+        return self.store
+
+    def _num_views(self, row: dict[str, Any]) -> int:
+        return row["num_views"]
+
+    def _item(self, row: dict[str, Any], view: int, rng: np.random.Generator) -> dict[str, Any]:
+        per_view = row["frames_per_view"]
+        picked = view * per_view + (np.arange(per_view) if self.num_frames is None else
+                                    np.linspace(0, per_view - 1, self.num_frames).round().astype(int))
+        frames = decode_frames([row["crops"][i] for i in picked])
+        if not self.landmarks:
+            return {"frames": self.augment(frames, rng)}
+        points = np.asarray([row["landmarks"][i] for i in picked], dtype=np.float32)
+        points = points.reshape(len(picked), -1, 2) / float(row["size"])
+        clip, points = self.augment.with_landmarks(frames, points, rng)
+        return {"frames": clip, "landmarks": points}
+
+
+class StoreFeatures(StoreSamples):
+    """Cached frozen-backbone features (`train --from features`): VideoMAE tokens of one view (T', N, D) from a
+    `features` store and, when `text_features` is given, the text tokens (L, D) from a `text_features` store, as
+    float32 tensors. A sample without text tokens is skipped and counted in `missing_reasons`."""
+
+    plan_columns = ("sample_id", "visual_shape")
+    item_columns = ("sample_id", "visual_tokens", "visual_shape")
+
+    def __init__(self, features: Store, samples: list[dict], *, text_features: Store | None = None, **options):
+        self.text_features = text_features
+        self._with_text = (None if text_features is None else
+                           {sid for sid, status in text_features.statuses().items() if status == S.STATUS_OK})
+        super().__init__(features, samples, **options)
+
+    def _unusable(self, sample_id: str, num_views: int) -> str | None:
+        if self._with_text is not None and sample_id not in self._with_text:
+            return f"has no text tokens in {self.text_features}"
+        return super()._unusable(sample_id, num_views)
+
+    def _num_views(self, row: dict[str, Any]) -> int:
+        if not row["visual_shape"]:
+            raise ValueError(f"{self.store} holds no VideoMAE tokens: set stages.features.video_encoder and run "
+                             f"the features stage")
+        return row["visual_shape"][0]
+
+    def _joined(self, ids: list[str]) -> dict[str, dict[str, Any]]:
+        if self.text_features is None:
+            return {}
+        table = self.text_features.read(["sample_id", "text_tokens", "text_shape"], ids=ids, status=S.STATUS_OK)
+        return {row["sample_id"]: row for row in table.to_pylist()}
+
+    def _item(self, row: dict[str, Any], view: int, rng: np.random.Generator) -> dict[str, Any]:
+        visual = _array(row["visual_tokens"], row["visual_shape"])[view]
+        item = {"visual_tokens": torch.from_numpy(visual.astype(np.float32))}
+        if self.text_features is not None:
+            if row.get("text_tokens") is None:
+                raise ValueError(f"no text tokens in {self.text_features}")
+            text = _array(row["text_tokens"], row["text_shape"])
+            item["text_tokens"] = torch.from_numpy(text.astype(np.float32))
+        return item
+
+
+class StoreAudio(StoreSamples):
+    """Utterances from an `audio` store (see schema.AUDIO): the 16 kHz waveform as float32 in [-1, 1] and its
+    transcript as the item's text. Training takes a random window of at most `max_seconds`; evaluation the start."""
+
+    item_columns = ("sample_id", "waveform", "sample_rate", "transcript")
+
+    def __init__(self, audio: Store, samples: list[dict], *, train: bool, max_seconds: float = 15.0, **options):
+        if max_seconds <= 0:
+            raise ValueError(f"max_seconds must be positive, got {max_seconds}")
+        self.train, self.max_seconds = train, max_seconds
+        super().__init__(audio, samples, **options)
+
+    def _item(self, row: dict[str, Any], view: int, rng: np.random.Generator) -> dict[str, Any]:
+        pcm = np.frombuffer(row["waveform"] or b"", dtype="<i2")
+        if pcm.size == 0:
+            raise ValueError("empty waveform")
+        limit = int(self.max_seconds * row["sample_rate"])
+        start = int(rng.integers(0, pcm.size - limit + 1)) if self.train and pcm.size > limit else 0
+        waveform = pcm[start:start + limit].astype(np.float32) / 32768.0
+        return {"waveform": torch.from_numpy(waveform), "text": row["transcript"] or ""}
+
+
+def _array(data: bytes, shape: Sequence[int]) -> np.ndarray:
+    """A cached float16 array (raw little-endian bytes + shape) -> numpy."""
+    array = np.frombuffer(data, dtype="<f2")
+    if array.size != int(np.prod(shape)):
+        raise ValueError(f"cached array has {array.size} values, its shape {list(shape)} needs {np.prod(shape)}")
+    return array.reshape(shape)
+
+
+def _label(value: Any) -> int:
+    return -1 if value is None else int(value)
 
 
 def decode_frames(crops: Sequence[bytes]) -> np.ndarray:
@@ -310,17 +491,39 @@ def _shuffled(items: Iterator[T], buffer_size: int, rng: np.random.Generator) ->
 
 
 def collate(batch: list[dict[str, Any]]) -> dict[str, Any]:
-    """Items -> frames (B, T, 3, H, W), labels (B,), views (B,), sample_ids [B] and texts [B] (when given)."""
+    """Items -> one batch (see models/registry.py for the keys): frames (B, T, 3, H, W) or cached visual_tokens,
+    labels (B,), views (B,), sample_ids [B], and when the items have them: au (B, M), landmarks (B, T, P, 2),
+    texts [B], cached text_tokens (B, L, D) padded with text_mask (B, L), waveform (B, N) padded with
+    waveform_mask (B, N)."""
     if not batch:
         raise ValueError("cannot collate an empty batch")
-    shapes = {tuple(item["frames"].shape) for item in batch}
-    if len(shapes) != 1:
-        raise ValueError(f"clips in one batch must share a shape, got {sorted(shapes)}: use one frames_per_view "
-                         f"and one ClipAugment size")
-    out = {"frames": torch.stack([item["frames"] for item in batch]),
-           "labels": torch.tensor([item["label"] for item in batch], dtype=torch.long),
-           "views": torch.tensor([item["view"] for item in batch], dtype=torch.long),
-           "sample_ids": [item["sample_id"] for item in batch]}
+    out: dict[str, Any] = {"labels": torch.tensor([item["label"] for item in batch], dtype=torch.long),
+                           "views": torch.tensor([item["view"] for item in batch], dtype=torch.long),
+                           "sample_ids": [item["sample_id"] for item in batch]}
+    for name in ("frames", "visual_tokens", "landmarks"):
+        if name in batch[0]:
+            shapes = {tuple(item[name].shape) for item in batch}
+            if len(shapes) != 1:
+                raise ValueError(f"{name} in one batch must share a shape, got {sorted(shapes)}: use one "
+                                 f"frames_per_view and one ClipAugment size")
+            out[name] = torch.stack([item[name] for item in batch])
+    if "au" in batch[0]:
+        out["au"] = torch.tensor([item.get("au") for item in batch], dtype=torch.float32)
     if "text" in batch[0]:
         out["texts"] = [item["text"] for item in batch]
+    if "text_tokens" in batch[0]:
+        out["text_tokens"], out["text_mask"] = pad_tokens([item["text_tokens"] for item in batch])
+    if "waveform" in batch[0]:
+        waveforms, mask = pad_tokens([item["waveform"][:, None] for item in batch])
+        out["waveform"], out["waveform_mask"] = waveforms[..., 0], mask
     return out
+
+
+def pad_tokens(sequences: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token sequences (L_i, D) -> zero-padded (B, max L, D) and the mask of real tokens (B, max L)."""
+    length = max(seq.shape[0] for seq in sequences)
+    tokens = sequences[0].new_zeros(len(sequences), length, sequences[0].shape[-1])
+    mask = torch.zeros(len(sequences), length, dtype=torch.bool)
+    for i, seq in enumerate(sequences):
+        tokens[i, :seq.shape[0]], mask[i, :seq.shape[0]] = seq, True
+    return tokens, mask

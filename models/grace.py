@@ -24,12 +24,20 @@ projection into the shared space; they act fully on the fused features the class
 """
 from __future__ import annotations
 
+import json
+import re
+import textwrap
+from pathlib import Path
+
+import numpy as np
 import torch
 from torch import Tensor, nn
 from transformers import AutoModel, BertConfig, BertModel, VideoMAEConfig, VideoMAEModel
 
 from .layers import cosine_cost, sinkhorn
-from .registry import register_model
+from .losses import grace_loss
+from .registry import ModelInputs, register_model
+from .text import TINY_VOCAB_SIZE, load_tokenizer, tiny_tokenizer
 
 MATCHINGS = ("ot", "cosine", "cross_attention")
 TEXT_LEVELS = ("token", "sentence")
@@ -43,8 +51,9 @@ BASE_VIDEO = dict(image_size=224, patch_size=16, num_frames=16, tubelet_size=2, 
                   num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072)
 TINY_VIDEO = dict(image_size=32, patch_size=16, num_frames=4, tubelet_size=2, hidden_size=32,
                   num_hidden_layers=2, num_attention_heads=2, intermediate_size=64)
-TINY_TEXT = dict(vocab_size=128, hidden_size=24, num_hidden_layers=1, num_attention_heads=2, intermediate_size=48,
-                 max_position_embeddings=64)
+# Positions for a character-level caption of a few dozen words (the tiny tokenizer splits words into letters).
+TINY_TEXT = dict(vocab_size=TINY_VOCAB_SIZE, hidden_size=24, num_hidden_layers=1, num_attention_heads=2,
+                 intermediate_size=48, max_position_embeddings=256)
 
 # Keeps the standardisation and the L2 norm differentiable when nothing moves (a static clip or padding).
 _MOTION_EPS = 1e-6
@@ -120,13 +129,21 @@ class TextRefiner(nn.Module):
 
 
 class Grace(nn.Module):
-    """GRACE classifier. Build it with `create_model("grace", ...)`; see the module docstring for the design."""
+    """GRACE classifier. Build it with `create_model("grace", ...)`; see the module docstring for the design.
 
-    def __init__(self, video_encoder: VideoMAEModel, text_encoder: nn.Module | None, *, num_classes: int,
+    Either encoder may be absent, for `--from features`: without a video encoder the model takes VideoMAE tokens
+    of `video_config`'s shape; without a text encoder it takes text tokens of size `text_dim`.
+    """
+
+    tasks = ("expression",)
+
+    def __init__(self, video_encoder: VideoMAEModel | None, text_encoder: nn.Module | None, *, num_classes: int,
+                 video_config: VideoMAEConfig | None = None, tokenizer=None, max_text_length: int = 512,
                  text_dim: int | None = None, embed_dim: int = 512, matching: str = "ot",
                  text_level: str = "token", motion: str = "both", epsilon: float = 0.05,
                  sinkhorn_iterations: int = 100, drop_path_rate: float = 0.1, freeze_text_encoder: bool = True,
-                 attention_heads: int = 8):
+                 attention_heads: int = 8, loss_weights: tuple[float, float, float] = (1.0, 1.0, 1.0),
+                 focal_gamma: float = 2.0, temperature: float = 0.07, mixup_alpha: float = 0.2):
         super().__init__()
         for name, value, allowed in (("matching", matching, MATCHINGS), ("text_level", text_level, TEXT_LEVELS),
                                      ("motion", motion, MOTIONS)):
@@ -138,7 +155,15 @@ class Grace(nn.Module):
             raise ValueError(f"num_classes must be at least 2, got {num_classes}")
         if text_encoder is None and text_dim is None:
             raise ValueError("without a text encoder, text_dim (the size of precomputed text tokens) is required")
+        if text_encoder is not None and tokenizer is None:
+            raise ValueError("a text encoder needs its tokenizer")
+        if video_encoder is None and video_config is None:
+            raise ValueError("without a video encoder, video_config (the shape of precomputed tokens) is required")
         self.video_encoder = video_encoder
+        self.video_config = video_encoder.config if video_encoder is not None else video_config
+        self.tokenizer, self.max_text_length = tokenizer, max_text_length
+        self.loss_options = dict(lambdas=tuple(loss_weights), gamma=focal_gamma, temperature=temperature,
+                                 mixup_alpha=mixup_alpha)
         self.text_encoder = text_encoder
         self.freeze_text_encoder = freeze_text_encoder and text_encoder is not None
         if self.freeze_text_encoder:
@@ -147,12 +172,13 @@ class Grace(nn.Module):
         self.epsilon, self.sinkhorn_iterations = epsilon, sinkhorn_iterations
         self.num_classes = num_classes
 
-        video = video_encoder.config
+        video = self.video_config
         self.video_dim = video.hidden_size
         self.text_dim = text_dim if text_encoder is None else text_encoder.config.hidden_size
         self.token_grid = (video.num_frames // video.tubelet_size, (video.image_size // video.patch_size) ** 2)
+        self.inputs = ModelInputs(frames=video.num_frames, image_size=video.image_size, text="caption")
         depth = video.num_hidden_layers
-        for index, layer in enumerate(video_encoder.encoder.layer):
+        for index, layer in enumerate(video_encoder.encoder.layer if video_encoder is not None else []):
             # Linearly rising drop rates over depth, as in timm / MAE-DFER.
             rate = drop_path_rate * index / max(depth - 1, 1)
             layer.register_forward_hook(_StochasticDepth(rate), with_kwargs=True)
@@ -176,7 +202,9 @@ class Grace(nn.Module):
 
     def encode_video(self, frames: Tensor) -> Tensor:
         """Frames (B, T, 3, H, W), normalised as VideoMAE expects -> visual tokens (B, T', H'*W', D)."""
-        config = self.video_encoder.config
+        if self.video_encoder is None:
+            raise ValueError("this GRACE model has no video encoder: pass precomputed visual_tokens")
+        config = self.video_config
         expected = (config.num_frames, config.num_channels, config.image_size, config.image_size)
         if frames.dim() != 5 or tuple(frames.shape[1:]) != expected:
             raise ValueError(f"GRACE expects frames of shape (B, {', '.join(map(str, expected))}), "
@@ -229,9 +257,9 @@ class Grace(nn.Module):
             raise ValueError("pass exactly one of frames or visual_tokens")
         if frames is not None:
             return self.encode_video(frames)
-        if visual_tokens.dim() != 4 or visual_tokens.shape[-1] != self.video_dim:
-            raise ValueError(f"visual_tokens must have shape (B, T', H'*W', {self.video_dim}), "
-                             f"got {tuple(visual_tokens.shape)}")
+        if visual_tokens.dim() != 4 or tuple(visual_tokens.shape[1:]) != (*self.token_grid, self.video_dim):
+            raise ValueError(f"visual_tokens must have shape (B, {self.token_grid[0]}, {self.token_grid[1]}, "
+                             f"{self.video_dim}), got {tuple(visual_tokens.shape)}")
         return visual_tokens
 
     def _text_tokens(self, input_ids: Tensor | None, attention_mask: Tensor | None, text_tokens: Tensor | None,
@@ -270,6 +298,71 @@ class Grace(nn.Module):
         aligned = torch.bmm(plan / torch.where(rows > 0, rows, 1.0), visual.float()).to(visual.dtype)
         return plan, aligned
 
+    # ----- training -------------------------------------------------------------------------------------------
+
+    def batch_inputs(self, batch: dict) -> dict[str, Tensor]:
+        """A collated batch -> forward kwargs: frames or cached visual tokens; the captions tokenised, or cached
+        text tokens."""
+        device = next(self.parameters()).device
+        inputs = ({"visual_tokens": batch["visual_tokens"]} if "visual_tokens" in batch
+                  else {"frames": batch["frames"]})
+        if "text_tokens" in batch:
+            inputs.update(text_tokens=batch["text_tokens"], text_mask=batch["text_mask"])
+        else:
+            encoded = self.tokenizer(list(batch["texts"]), padding=True, truncation=True,
+                                     max_length=self.max_text_length, return_tensors="pt")
+            inputs.update(input_ids=encoded["input_ids"], attention_mask=encoded["attention_mask"])
+        return {name: value.to(device) for name, value in inputs.items()}
+
+    def loss(self, outputs: dict[str, dict], batches: dict[str, dict],
+             class_weights: Tensor | None = None) -> dict[str, Tensor]:
+        """Eq. 9: l1 * weighted focal + l2 * supervised contrastive with mixup + l3 * auxiliary text CE."""
+        out, labels = outputs["expression"], batches["expression"]["labels"].to(outputs["expression"]["logits"].device)
+        total, parts = grace_loss(out, labels, class_weights, **self.loss_options)
+        return {"loss": total, **parts}
+
+    # ----- explanation (Fig. 6) -------------------------------------------------------------------------------
+
+    def explain(self, batch: dict, outputs: dict[str, Tensor], out_dir: Path, label_names: list[str],
+                top_frames: int = 3) -> list[Path]:
+        """The first sample's transport plan aggregated to caption phrases x frames, as a PNG and a JSON.
+
+        Token rows are summed into the phrases (comma / full-stop separated) they belong to; patch columns into
+        their tubelet, whose mass is spread evenly over the frames it covers. Frames with the largest cumulative
+        transport are marked.
+        """
+        if self.tokenizer is None:
+            raise ValueError("explaining needs the text encoder's tokenizer; this model reads cached text tokens")
+        text = batch["texts"][0]
+        plan = outputs["plan"][0].float().cpu()                                         # (L, N)
+        segments, patches = self.token_grid
+        per_frame = (plan.reshape(plan.shape[0], segments, patches).sum(-1)
+                     .repeat_interleave(self.video_config.tubelet_size, dim=1) / self.video_config.tubelet_size)
+        phrases = caption_phrases(text)
+        if self.text_level == "sentence":
+            names, matrix = ["(whole caption)"], per_frame[:1]
+        else:
+            encoded = self.tokenizer(text, truncation=True, max_length=self.max_text_length,
+                                     return_offsets_mapping=True)
+            owner = [_phrase_of(start, end, phrases) for start, end in encoded["offset_mapping"]]
+            used = sorted({o for o in owner if o is not None})
+            matrix = torch.stack([per_frame[[i for i, o in enumerate(owner) if o == p]].sum(0) for p in used])
+            names = [phrases[p][2] for p in used]
+        totals = matrix.sum(0)
+        top = totals.topk(min(top_frames, totals.numel())).indices.sort().values.tolist()
+        probabilities = outputs["logits"][0].float().softmax(-1)
+        predicted = label_names[int(probabilities.argmax())]
+        label = int(batch["labels"][0])
+        title = (f"{batch['sample_ids'][0]}: predicted {predicted} ({float(probabilities.max()):.2f})"
+                 + (f", true {label_names[label]}" if label >= 0 else ""))
+        stem = out_dir / f"{batch['sample_ids'][0].replace('/', '_')}-transport"
+        frames = batch["frames"][0] if "frames" in batch else None
+        _plot_transport(matrix.numpy(), names, top, title, frames, self.inputs, stem.with_suffix(".png"))
+        stem.with_suffix(".json").write_text(json.dumps(
+            {"sample_id": batch["sample_ids"][0], "text": text, "phrases": names, "plan": matrix.tolist(),
+             "frame_totals": totals.tolist(), "top_frames": top, "predicted": predicted}, indent=2))
+        return [stem.with_suffix(".png"), stem.with_suffix(".json")]
+
     # ----- optimisation ---------------------------------------------------------------------------------------
 
     def param_groups(self, lr: float, weight_decay: float = 0.05, layer_decay: float = 0.75) -> list[dict]:
@@ -294,7 +387,7 @@ class Grace(nn.Module):
 
     def _layer_position(self, name: str) -> tuple[int, int]:
         """(layer depth, encoder depth) of a parameter; parameters outside both encoders rank as the head."""
-        depth = self.video_encoder.config.num_hidden_layers
+        depth = self.video_config.num_hidden_layers
         for prefix, encoder in (("video_encoder.", self.video_encoder), ("text_encoder.", self.text_encoder)):
             if encoder is None or not name.startswith(prefix):
                 continue
@@ -311,46 +404,99 @@ class Grace(nn.Module):
 
     def example_inputs(self, batch_size: int = 2, generator: torch.Generator | None = None) -> dict[str, Tensor]:
         """Random inputs of the right shapes: frames, and token ids (or text tokens) with the last sample padded."""
-        config = self.video_encoder.config
+        config = self.video_config
         device = next(self.parameters()).device
-        frames = torch.randn(batch_size, config.num_frames, config.num_channels, config.image_size,
-                             config.image_size, generator=generator).to(device)
+        if self.video_encoder is None:
+            visual = {"visual_tokens": torch.randn(batch_size, *self.token_grid, self.video_dim,
+                                                   generator=generator).to(device)}
+        else:
+            visual = {"frames": torch.randn(batch_size, config.num_frames, config.num_channels, config.image_size,
+                                            config.image_size, generator=generator).to(device)}
         length = 6
         mask = torch.ones(batch_size, length, dtype=torch.long)
         mask[-1, length // 2:] = 0
         if self.text_encoder is None:
-            return {"frames": frames, "text_tokens": torch.randn(batch_size, length, self.text_dim,
-                                                                 generator=generator).to(device),
+            return {**visual, "text_tokens": torch.randn(batch_size, length, self.text_dim,
+                                                         generator=generator).to(device),
                     "text_mask": mask.bool().to(device)}
         ids = torch.randint(0, self.text_encoder.config.vocab_size, (batch_size, length), generator=generator)
-        return {"frames": frames, "input_ids": ids.to(device), "attention_mask": mask.to(device)}
+        return {**visual, "input_ids": ids.to(device), "attention_mask": mask.to(device)}
+
+
+def caption_phrases(text: str) -> list[tuple[int, int, str]]:
+    """(start, end, phrase) for each comma-, semicolon- or full-stop-separated phrase of a caption."""
+    return [(m.start(), m.end(), m.group().strip()) for m in re.finditer(r"[^,;.]+", text) if m.group().strip()]
+
+
+def _phrase_of(start: int, end: int, phrases: list[tuple[int, int, str]]) -> int | None:
+    if start == end:   # special tokens ([CLS], [SEP]) cover no text
+        return None
+    return next((i for i, (a, b, _) in enumerate(phrases) if a <= start < b), None)
+
+
+def _plot_transport(matrix: np.ndarray, phrases: list[str], top: list[int], title: str, frames: Tensor | None,
+                    inputs: ModelInputs, path: Path) -> None:
+    """Heat map of phrases x frames with the clip's frames above it; the top frames boxed in red."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+    from matplotlib.patches import Rectangle
+
+    rows, columns = matrix.shape
+    figure = Figure(figsize=(2.5 + 0.7 * columns, 1.6 + 0.45 * rows))
+    FigureCanvasAgg(figure)
+    grid = figure.add_gridspec(2, 1, height_ratios=[1.0, max(rows, 1) * 0.45], hspace=0.05)
+    if frames is not None:
+        strip = figure.add_subplot(grid[0])
+        mean, std = torch.tensor(inputs.mean)[:, None, None], torch.tensor(inputs.std)[:, None, None]
+        images = ((frames.cpu() * std + mean).clamp(0, 1).permute(0, 2, 3, 1).numpy())
+        strip.imshow(np.concatenate(list(images), axis=1), aspect="auto")
+        strip.set_axis_off()
+        width = images.shape[2]
+        for t in top:
+            strip.add_patch(Rectangle((t * width, 0), width - 1, images.shape[1] - 1, fill=False, color="red",
+                                      linewidth=2))
+        strip.set_title(title, fontsize=9)
+    axes = figure.add_subplot(grid[1])
+    axes.imshow(matrix, aspect="auto", cmap="viridis")
+    axes.set_yticks(range(rows), [textwrap.shorten(p, 40) for p in phrases], fontsize=7)
+    axes.set_xticks(range(columns), [f"{t}*" if t in top else str(t) for t in range(columns)], fontsize=7)
+    axes.set_xlabel("frame (* = top cumulative transport)")
+    figure.savefig(path, dpi=110, bbox_inches="tight")
 
 
 @register_model("grace")
 def grace(tiny: bool = False, *, num_classes: int = 7, pretrained: str | None = None,
-          text_encoder: str | None = None, text_features: bool = False, text_dim: int = 768,
-          embed_dim: int | None = None, drop_path_rate: float = 0.1, **options) -> Grace:
+          text_encoder: str | None = None, video_features: bool = False, text_features: bool = False,
+          text_dim: int = 768, embed_dim: int | None = None, drop_path_rate: float = 0.1, **options) -> Grace:
     """GRACE on VideoMAE-base, or the tiny variant (32 px, 4 frames, width 32, random tiny BERT).
 
     pretrained: path or hub id of VideoMAE weights (e.g. MAE-DFER's VoxCeleb2 encoder converted to Hugging Face
     format), loaded with `from_pretrained`; None keeps a random encoder. text_encoder: path or hub id of the text
-    encoder; None gives BERT-base uncased (tiny: a random tiny BERT). text_features=True builds no text encoder:
-    the model then takes precomputed text tokens of size text_dim. Further options go to `Grace`
-    (matching, text_level, motion, epsilon, sinkhorn_iterations, freeze_text_encoder, attention_heads).
+    encoder and its tokenizer; None gives BERT-base uncased (tiny: a random tiny BERT with a character tokenizer).
+    video_features / text_features=True build no video / text encoder: the model then takes precomputed VideoMAE
+    tokens (of the configured encoder's shape; `pretrained` is read for its config only) / text tokens of size
+    text_dim. Further options go to `Grace` (matching, text_level, motion, epsilon, sinkhorn_iterations,
+    freeze_text_encoder, attention_heads, loss_weights, focal_gamma, temperature, mixup_alpha, max_text_length).
     """
     if pretrained is not None:
-        video_encoder = VideoMAEModel.from_pretrained(pretrained)
+        video_config = VideoMAEConfig.from_pretrained(pretrained)
+        video_encoder = None if video_features else VideoMAEModel.from_pretrained(pretrained)
     else:
-        video_encoder = VideoMAEModel(VideoMAEConfig(**(TINY_VIDEO if tiny else BASE_VIDEO)))
+        video_config = VideoMAEConfig(**(TINY_VIDEO if tiny else BASE_VIDEO))
+        video_encoder = None if video_features else VideoMAEModel(video_config)
+    tokenizer = None
     if text_features:
         text_model = None
     elif text_encoder is not None:
-        text_model = AutoModel.from_pretrained(text_encoder)
+        text_model, tokenizer = AutoModel.from_pretrained(text_encoder), load_tokenizer(text_encoder)
     elif tiny:
-        text_model = BertModel(BertConfig(**TINY_TEXT), add_pooling_layer=False)
+        text_model, tokenizer = BertModel(BertConfig(**TINY_TEXT), add_pooling_layer=False), tiny_tokenizer()
     else:
         text_model = AutoModel.from_pretrained(DEFAULT_TEXT_ENCODER, add_pooling_layer=False)
+        tokenizer = load_tokenizer(DEFAULT_TEXT_ENCODER)
     if tiny:
         options.setdefault("attention_heads", 2)
-    return Grace(video_encoder, text_model, num_classes=num_classes, text_dim=text_dim,
-                 embed_dim=embed_dim or (16 if tiny else 512), drop_path_rate=drop_path_rate, **options)
+        options.setdefault("max_text_length", TINY_TEXT["max_position_embeddings"])
+    return Grace(video_encoder, text_model, num_classes=num_classes, video_config=video_config,
+                 tokenizer=tokenizer, text_dim=text_dim, embed_dim=embed_dim or (16 if tiny else 512),
+                 drop_path_rate=drop_path_rate, **options)

@@ -1,20 +1,51 @@
 """Model registry, timm-style: builders register under a name, `create_model(name)` builds one.
 
-Every builder accepts `tiny` (small random configs for tests and CPU smoke runs) plus its own keyword arguments.
-Every registered model follows one convention so the trainer and the tests can drive any of them:
-`model.example_inputs(batch_size)` returns keyword arguments for `model(**inputs)`, and `forward` returns a dict
-holding at least "logits" (B, num_classes).
+Every builder accepts `tiny` (small random configs for tests and CPU smoke runs) plus its own keyword arguments;
+the trainer passes `num_classes` (and, to models that declare them in `ModelInputs`, the AU names and the FACS
+asset). Every registered model follows one convention, so the trainer, eval and the tests drive any of them:
+
+- `tasks`: the label kinds it learns, a tuple of "expression" and/or "au".
+- `inputs`: a `ModelInputs` saying what the data loader must supply.
+- `example_inputs(batch_size, generator=None)`: random keyword arguments for `model(**inputs)`.
+- `batch_inputs(batch)`: a collated loader batch (see models/data.py `collate`) -> keyword arguments for forward
+  (the model tokenises its own texts here).
+- `forward(**inputs)`: a dict holding "logits" (B, num_classes) for expressions and/or "au_logits" (B, num_aus).
+- `loss(outputs, batches, class_weights=None)`: `outputs` and `batches` are dicts keyed by task (a model with two
+  tasks gets one batch of each per step, e.g. DFEW clips and BP4D frames); returns a dict with the total "loss"
+  and its named parts.
+- optional `param_groups(lr, weight_decay)`: the optimiser's parameter groups (layer-wise lr decay and the like).
 """
 from __future__ import annotations
 
 import importlib
+from dataclasses import dataclass
 from typing import Callable
 
 from torch import nn
 
+# Frames are normalised with the ImageNet statistics unless a model says otherwise (VideoMAE was pre-trained so).
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+@dataclass(frozen=True)
+class ModelInputs:
+    """What a model consumes, so the trainer knows which stores to read and how to prepare each sample."""
+    frames: int = 16                 # frames per clip; 1 for still images; 0 for a model without vision
+    image_size: int = 224            # aligned face crops are resized to this
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+    text: str | None = None          # per-sample text: "caption" (a CATE / caption text version) | "transcript"
+    facs: bool = False               # the dataset's FACS asset (AU texts, expression texts, prior) goes to the builder
+    landmarks: bool = False          # batches carry the faces stage's landmarks
+    audio: bool = False              # batches carry 16 kHz waveforms
+
+
 # Modules under affectprep.models that register models when imported; imported on first registry lookup so
 # that `create_model` works without the caller importing each model module first.
-_BUILTIN_MODULES = ("grace",)
+_BUILTIN_MODULES = ("grace", "mgcma", "pca", "grefel")
 
 _BUILDERS: dict[str, Callable[..., nn.Module]] = {}
 _builtins_loaded = False
@@ -32,10 +63,15 @@ def register_model(name: str) -> Callable:
 
 def create_model(name: str, *, tiny: bool = False, **kwargs) -> nn.Module:
     """Build the registered model `name`; `tiny=True` gives its small test configuration."""
+    return model_builder(name)(tiny=tiny, **kwargs)
+
+
+def model_builder(name: str) -> Callable[..., nn.Module]:
+    """The builder registered under `name` (its signature lists the model's options)."""
     _load_builtins()
     if name not in _BUILDERS:
         raise ValueError(f"unknown model {name!r}; registered models: {', '.join(list_models()) or 'none'}")
-    return _BUILDERS[name](tiny=tiny, **kwargs)
+    return _BUILDERS[name]
 
 
 def list_models() -> list[str]:

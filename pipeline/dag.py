@@ -132,6 +132,10 @@ def plan_stages(project: ProjectConfig, index: Store, target: str | None,
     for cls in stages_up_to(target):
         try:
             stage = cls(configs[cls.name])
+            if not stage.enabled():
+                if cls.name == target:
+                    raise ConfigError(f"stage '{target}' has nothing to do: {stage.disabled_reason()}")
+                continue
             identity = stage.identity()
         except (ValueError, ImportError, OSError) as e:
             raise ConfigError(f"stages.{cls.name}: {e}") from None

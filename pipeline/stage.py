@@ -47,6 +47,15 @@ class Stage:
         """What else determines the output: backend model name and weights hash, prompt file hashes."""
         return {}
 
+    def enabled(self) -> bool:
+        """False for an optional stage with nothing to do in this configuration (no backbone set): runs that do
+        not name it leave it out."""
+        return True
+
+    def disabled_reason(self) -> str:
+        """What to configure to enable the stage, for the error when a disabled stage is asked for."""
+        return ""
+
     def runs_in_client(self) -> bool:
         """True for work that only waits on a remote service (LLM requests) or costs nothing: it runs in the
         client process, with the backend's own concurrency, instead of being shipped to Dask workers."""

@@ -94,7 +94,8 @@ def test_au_sets():
 # ---- registry, options, table --------------------------------------------------------------------------------------
 
 def test_every_kind_is_registered_with_default_options():
-    assert set(ADAPTERS) == {"dfew", "ferv39k", "mafw", "bp4d", "disfa", "iemocap", "csv"}
+    assert set(ADAPTERS) == {"dfew", "ferv39k", "mafw", "bp4d", "disfa", "iemocap", "csv", "rafdb", "affectnet",
+                             "ferplus", "oulu", "nvie"}
     assert options_for("dfew").media == "Clip/original"
     assert options_for("bp4d").window == 16 and options_for("disfa").threshold == 2
 

@@ -4,7 +4,8 @@ Importing this package registers every adapter in ADAPTERS under its kind.
 """
 from __future__ import annotations
 
-from . import bp4d, dfew, disfa, ferv39k, generic_csv, iemocap, mafw  # noqa: F401  (registration)
+from . import (affectnet, bp4d, dfew, disfa, ferplus, ferv39k, generic_csv, iemocap, mafw,  # noqa: F401 (registration)
+               nvie, oulu, rafdb)
 from .base import (ADAPTERS, DatasetAdapter, DatasetError, build_index, index_table, make_adapter,
                    options_for, register_adapter)
 

@@ -1,0 +1,278 @@
+"""What a training run is made of, shared by the train, eval and explain recipes: its config, the stores it
+reads, how its model and data loaders are built, and its folder.
+
+    runs/<model>-<dataset>[-fold<k>]-<time>/
+        config.json        the resolved TrainConfig (model options included) and the label names
+        stores.json        every store read: dataset, stage and key per role, per task
+        git.json           the commit (and whether the tree had uncommitted changes) of the code that trained
+        metrics.json       one entry per epoch: losses, learning rate, throughput, test UAR/WAR (or AU F1)
+        predictions.parquet  test predictions of the last evaluation: sample, label, prediction, probabilities
+        results.json, confusion.png, confusion.txt   the last evaluation's scores
+        checkpoints/epoch-NNN/   accelerate state (model, optimizer, scheduler, RNG) + trainer_state.json
+
+The stores are recorded by key, so `eval`, `explain` and `--resume` read exactly the data the run trained on,
+whatever the project config says today.
+"""
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import json
+import os
+import subprocess
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+
+from affectprep import schema as S
+from affectprep.config import ConfigError, build_dataclass
+from affectprep.store import Store
+
+from .data import (ClipAugment, Split, StoreAudio, StoreClips, StoreFeatures, StoreSamples, collate,
+                   select_samples)
+from .registry import model_builder
+
+ROLES = ("index", "faces", "texts", "features", "text_features", "facs", "audio")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Every knob of a run. Defaults are GRACE's (DESIGN.md §7); `model` holds the model builder's options."""
+    model_name: str = "grace"
+    tiny: bool = False                     # the model's tiny test configuration
+    model: dict[str, Any] = field(default_factory=dict)
+    source: Literal["frames", "features"] = "frames"
+    fold: int | None = None                # None: the dataset's fixed train/test split
+    epochs: int = 30
+    batch_size: int = 64                   # per optimiser step, over all processes and accumulation steps
+    grad_accum: int = 1
+    lr: float = 1e-3
+    weight_decay: float = 0.05
+    layer_decay: float = 0.75              # models with param_groups(lr, weight_decay, layer_decay)
+    warmup_epochs: float = 5.0
+    optimizer: Literal["adamw", "sgd"] = "adamw"
+    momentum: float = 0.9                  # sgd
+    clip_grad: float | None = 1.0          # max gradient norm; None: no clipping
+    mixed_precision: Literal["no", "fp16", "bf16"] = "no"
+    seed: int = 3407
+    num_workers: int = 2                   # DataLoader workers per process
+    shuffle_buffer: int = 256
+    eval_every: int = 1                    # epochs between test evaluations (the last epoch always evaluates)
+    eval_views: int | None = None          # views per test sample (multi-view testing); None: every stored view
+    scale: tuple[float, float] = (0.8, 1.0)   # augmentation: area range of the random square crop
+    flip: float = 0.5
+    erase: float = 0.25
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any]) -> "TrainConfig":
+        return build_dataclass(cls, raw, "train")
+
+    def to_dict(self) -> dict[str, Any]:
+        return json.loads(json.dumps(dataclasses.asdict(self)))
+
+
+@dataclass
+class Sources:
+    """The stores one task of a run reads (role -> store; see ROLES), with the dataset's label names, and for
+    models that take FACS knowledge the asset ids in the facs store."""
+    dataset: str
+    label_names: list[str]
+    stores: dict[str, Store]
+    au_names: list[str] = field(default_factory=list)
+    facs_ids: dict[str, str] = field(default_factory=dict)   # "expression" / "au" / "prior" -> asset id
+
+    def to_json(self) -> dict[str, Any]:
+        return {"dataset": self.dataset, "label_names": self.label_names, "au_names": self.au_names,
+                "facs_ids": self.facs_ids,
+                "stores": {role: {"cache": str(s.cache), "dataset": s.dataset, "stage": s.stage, "key": s.key}
+                           for role, s in self.stores.items()}}
+
+    @classmethod
+    def from_json(cls, raw: dict[str, Any]) -> "Sources":
+        stores = {role: Store(Path(s["cache"]), s["dataset"], s["stage"], s["key"]) for role, s in raw["stores"].items()}
+        return cls(raw["dataset"], raw["label_names"], stores, raw.get("au_names", []), raw.get("facs_ids", {}))
+
+    def store(self, role: str) -> Store:
+        if role not in self.stores:
+            raise ConfigError(f"this run needs the {role} store of dataset '{self.dataset}', and none was given")
+        store = self.stores[role]
+        if not store.exists():
+            raise ConfigError(f"{store} does not exist: run `affectprep run` for dataset '{self.dataset}' first")
+        return store
+
+    def facs(self) -> dict[str, dict[str, Any]]:
+        """The FACS asset rows the model takes: {"expression": row, "au": row, "prior": row} (those present)."""
+        table = self.store("facs").read(ids=list(self.facs_ids.values()), status=S.STATUS_OK)
+        rows = {row["sample_id"]: row for row in table.to_pylist()}
+        missing = [a for a in self.facs_ids.values() if a not in rows]
+        if missing:
+            raise ConfigError(f"the facs asset has no {missing}; known: {sorted(rows)}")
+        return {part: rows[asset] for part, asset in self.facs_ids.items()}
+
+
+# ---- the model ---------------------------------------------------------------------------------------------------
+
+def build_model(config: TrainConfig, sources: dict[str, Sources]) -> nn.Module:
+    """The registered model with the run's options, sized to the data: classes, AUs, FACS asset, cached features."""
+    try:
+        builder = model_builder(config.model_name)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    accepts = inspect.signature(builder).parameters
+    options = dict(config.model)
+    expression = sources.get("expression")
+    if expression is not None:
+        options.setdefault("num_classes", len(expression.label_names))
+        if "class_names" in accepts:
+            options.setdefault("class_names", list(expression.label_names))
+    if "facs" in accepts and any(s.facs_ids for s in sources.values()):
+        options.setdefault("facs", _merged_facs(sources))
+    if config.source == "features":
+        missing = [o for o in ("video_features", "text_features") if o not in accepts]
+        if missing:
+            raise ConfigError(f"model '{config.model_name}' cannot train from cached features (its builder takes no "
+                              f"{', '.join(missing)}); use --from frames")
+        main = next(iter(sources.values()))
+        options.update(video_features=True, text_features="text_features" in main.stores)
+        if "text_features" in main.stores:
+            options.setdefault("text_dim", _text_dim(main.store("text_features")))
+    try:
+        return builder(tiny=config.tiny, **options)
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"model '{config.model_name}': {e}") from None
+
+
+def _merged_facs(sources: dict[str, Sources]) -> dict[str, dict[str, Any]]:
+    merged: dict[str, dict[str, Any]] = {}
+    for task_sources in sources.values():
+        if task_sources.facs_ids:
+            merged.update(task_sources.facs())
+    return merged
+
+
+def _text_dim(text_features: Store) -> int:
+    for table in text_features.iter_tables(["text_shape"], status=S.STATUS_OK):
+        if table.num_rows:
+            return int(table.column("text_shape")[0].as_py()[-1])
+    raise ConfigError(f"{text_features} has no text tokens: run the text_features stage")
+
+
+# ---- the data ----------------------------------------------------------------------------------------------------
+
+def samples_for(sources: Sources, config: TrainConfig, part: str, task: str) -> list[dict]:
+    try:
+        return select_samples(sources.store("index"), Split(config.fold), part, task)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+
+
+def texts_for(sources: Sources, samples: list[dict]) -> dict[str, str]:
+    """sample_id -> text of the run's text version (a CATE text, or a caption), for the given samples."""
+    store = sources.store("texts")
+    column = "caption" if store.stage == "captions" else "text"
+    table = store.read(["sample_id", column], ids=[s["sample_id"] for s in samples], status=S.STATUS_OK)
+    return dict(zip(table.column("sample_id").to_pylist(), table.column(column).to_pylist()))
+
+
+def make_dataset(model: nn.Module, config: TrainConfig, sources: Sources, samples: list[dict], *, train: bool,
+                 rank: int = 0, world_size: int = 1, view: int | None = 0,
+                 max_views: int | None = None) -> StoreSamples:
+    """The streaming dataset a model needs (see ModelInputs): aligned clips or images (with landmarks, texts) from
+    the faces store, or cached features. view=None with max_views: the first max_views views of each sample."""
+    inputs = model.inputs
+    common = dict(view=view, max_views=max_views, shuffle_buffer=config.shuffle_buffer if train else 0, seed=config.seed, rank=rank,
+                  world_size=world_size, drop_remainder=train)
+    cached_text = config.source == "features" and "text_features" in sources.stores
+    texts = texts_for(sources, samples) if inputs.text == "caption" and not cached_text else None
+    if config.source == "features":
+        return StoreFeatures(sources.store("features"), samples, texts=texts,
+                             text_features=sources.store("text_features") if cached_text else None, **common)
+    if inputs.audio:
+        return StoreAudio(sources.store("audio"), samples, train=train, **common)
+    augment = ClipAugment(size=inputs.image_size, train=train, scale=config.scale, flip=config.flip,
+                          erase=config.erase, mean=inputs.mean, std=inputs.std)
+    return StoreClips(sources.store("faces"), samples, augment=augment, landmarks=inputs.landmarks, texts=texts,
+                      num_frames=inputs.frames, **common)
+
+
+def make_loader(dataset: StoreSamples, batch_size: int, num_workers: int) -> DataLoader:
+    # Not prepared by accelerate: the dataset shards by rank itself (see models/data.py).
+    return DataLoader(dataset, batch_size=batch_size, num_workers=num_workers, collate_fn=collate,
+                      persistent_workers=False)
+
+
+# ---- the run folder ----------------------------------------------------------------------------------------------
+
+class RunFolder:
+    def __init__(self, path: Path):
+        self.path = Path(path)
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.path / "checkpoints"
+
+    def write_json(self, name: str, value: Any) -> None:
+        tmp = self.path / f".{name}.tmp"
+        tmp.write_text(json.dumps(value, indent=2, default=_jsonable) + "\n")
+        os.replace(tmp, self.path / name)
+
+    def read_json(self, name: str) -> Any:
+        path = self.path / name
+        if not path.exists():
+            raise ConfigError(f"{self.path} is not a training run folder (no {name})")
+        return json.loads(path.read_text())
+
+    def config(self) -> TrainConfig:
+        return TrainConfig.from_dict(self.read_json("config.json")["train"])
+
+    def sources(self) -> dict[str, Sources]:
+        return {task: Sources.from_json(raw) for task, raw in self.read_json("stores.json").items()}
+
+    def latest_checkpoint(self) -> Path | None:
+        done = sorted(p for p in self.checkpoints.glob("epoch-*") if (p / "trainer_state.json").exists())
+        return done[-1] if done else None
+
+    def require_checkpoint(self) -> Path:
+        checkpoint = self.latest_checkpoint()
+        if checkpoint is None:
+            raise ConfigError(f"{self.path} has no finished checkpoint yet")
+        return checkpoint
+
+
+def load_weights(model: nn.Module, checkpoint: Path) -> nn.Module:
+    """The model weights of an accelerate checkpoint folder (written by `Accelerator.save_state`)."""
+    from safetensors.torch import load_file
+
+    weights = checkpoint / "model.safetensors"
+    state = load_file(weights) if weights.exists() else torch.load(checkpoint / "pytorch_model.bin",
+                                                                    map_location="cpu", weights_only=True)
+    model.load_state_dict(state)
+    return model
+
+
+def git_state() -> dict[str, Any]:
+    """The commit of the affectprep source tree, and whether it had uncommitted changes; unknown outside git."""
+    source = Path(__file__).resolve().parent
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=source, capture_output=True, text=True,
+                                check=True, timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain"], cwd=source, capture_output=True, text=True,
+                               check=True, timeout=10).stdout.strip() != ""
+    except (OSError, subprocess.SubprocessError):
+        return {"commit": "unknown", "dirty": None}
+    return {"commit": commit, "dirty": dirty}
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, Path):
+        return str(value)
+    raise TypeError(f"cannot write {type(value).__name__} to JSON")

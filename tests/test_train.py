@@ -1,0 +1,211 @@
+"""The trainer end to end on a real demo project: the pipeline writes the stores, `train` reads them with accelerate
+(in this process, and as two processes under `accelerate launch`), `eval` and `explain` read the run folder, and the
+`features` stages cache frozen backbones for `--from features`."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import BertConfig, BertModel, VideoMAEConfig, VideoMAEModel
+
+from affectprep.config import DatasetConfig, ProjectConfig, load_project, write_project
+from affectprep.models.evaluate import evaluate_run
+from affectprep.models.explain import explain_sample
+from affectprep.models.grace import TINY_TEXT, TINY_VIDEO
+from affectprep.models.runs import RunFolder, TrainConfig
+from affectprep.models.text import tiny_tokenizer
+from affectprep.models.train import train
+from affectprep.pipeline.dag import run_pipeline
+from affectprep.pipeline.demo import make_demo_dataset
+from affectprep.train_sources import resolve_sources
+
+CLIPS = 70           # 10 per class; DFEW fold 1 holds 14 of them
+# GRACE's tiny variant on the demo: small batches so an epoch has several steps; a few CPU seconds per epoch.
+TINY = dict(model_name="grace", tiny=True, fold=1, batch_size=8, lr=2e-3, warmup_epochs=2, num_workers=0,
+            eval_every=10)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    # Two cores shared with DataLoader workers and Dask: more threads only oversubscribe them.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory) -> ProjectConfig:
+    tmp = tmp_path_factory.mktemp("train")
+    root = make_demo_dataset(tmp / "DFEW", clips=CLIPS, seed=0)
+    project = ProjectConfig(tmp / "affectprep.toml", tmp / "cache", {"demo": DatasetConfig("demo", "dfew", root)},
+                            {"faces": {"backend": "haar"}, "captions": {"captioner": "motion"},
+                             "cate": {"llm": "template"}})
+    write_project(project)
+    assert run_pipeline(project, progress=False).failed == 0
+    return project
+
+
+@pytest.fixture(scope="module")
+def sources(project):
+    return {"expression": resolve_sources(project, "demo")}
+
+
+@pytest.fixture(scope="module")
+def trained(project, sources, tmp_path_factory) -> Path:
+    config = TrainConfig(**TINY, epochs=40)
+    lines: list[str] = []
+    return train(config, sources, tmp_path_factory.mktemp("runs"), echo=lines.append)
+
+
+def test_tiny_grace_beats_chance_on_the_demo_store(trained, sources):
+    run = RunFolder(trained)
+    results = run.read_json("results.json")
+    expression = results["expression"]
+    # 7 classes: chance UAR is 1/7 (0.14); a model that learned nothing sits there.
+    assert expression["uar"] > 0.4, expression
+    test_ids = {r["sample_id"] for r in sources["expression"].store("index").read().to_pylist() if r["fold"] == 1}
+    predictions = pq.read_table(trained / "results-predictions.parquet").to_pylist()
+    assert sorted(p["sample_id"] for p in predictions) == sorted(test_ids)
+    assert all(abs(sum(p["probabilities"]) - 1) < 1e-4 for p in predictions)
+    assert expression["war"] == pytest.approx(sum(p["prediction"] == p["label"] for p in predictions) / len(test_ids))
+
+
+def test_the_run_folder_records_config_stores_commit_metrics_and_checkpoint(trained, sources):
+    run = RunFolder(trained)
+    assert run.config() == TrainConfig(**TINY, epochs=40)
+    stores = run.read_json("stores.json")["expression"]["stores"]
+    for role in ("index", "faces", "texts", "facs"):
+        assert stores[role]["key"] == sources["expression"].stores[role].key
+    git = run.read_json("git.json")
+    assert len(git["commit"]) == 40 or git["commit"] == "unknown"
+    metrics = run.read_json("metrics.json")
+    assert [m["epoch"] for m in metrics] == list(range(40))
+    assert all({"loss", "focal", "supcon", "aux", "lr", "samples_per_s"} <= set(m) for m in metrics)
+    assert metrics[-1]["loss"] < metrics[0]["loss"]
+    assert "test" in metrics[9] and "test" not in metrics[8]          # eval_every=10, and always the last epoch
+    assert [p.name for p in run.checkpoints.iterdir()] == ["epoch-040"]
+    assert (trained / "results-confusion.png").read_bytes()[:4] == b"\x89PNG"
+    assert "recall" in (trained / "results-confusion.txt").read_text()
+
+
+def test_eval_scores_the_checkpoint_like_the_last_epoch_and_with_fewer_views(trained):
+    last = RunFolder(trained).read_json("results.json")["expression"]
+    again = evaluate_run(trained)
+    assert again["expression"]["uar"] == pytest.approx(last["uar"])
+    assert again["expression"]["confusion"] == last["confusion"]
+    assert (trained / "eval-viewsall.json").exists() and (trained / "eval-viewsall-confusion.png").exists()
+    one = evaluate_run(trained, views=1)
+    assert one["views"] == 1 and one["num_samples"] == again["num_samples"]
+    assert pq.read_table(trained / "eval-views1-predictions.parquet").column("views").to_pylist() == \
+        [1] * one["num_samples"]
+
+
+def test_explain_draws_the_transport_plan_over_phrases_and_frames(trained, sources):
+    sample = next(r["sample_id"] for r in sources["expression"].store("index").read().to_pylist() if r["fold"] == 1)
+    png, data = explain_sample(trained, sample, trained / "explain")
+    assert png.read_bytes()[:4] == b"\x89PNG"
+    info = json.loads(data.read_text())
+    frames = TINY_VIDEO["num_frames"]
+    assert len(info["plan"]) == len(info["phrases"]) > 1 and all(len(row) == frames for row in info["plan"])
+    # Rows of the plan hold 1/L of the mass per real token: the phrases hold all but the special tokens' share.
+    total = sum(map(sum, info["plan"]))
+    assert 0.8 < total <= 1.0 + 1e-5
+    totals = info["frame_totals"]
+    others = [t for t in range(frames) if t not in info["top_frames"]]
+    # Frames of one tubelet share its mass, so ties are expected; no unmarked frame may outrank a marked one.
+    assert min(totals[t] for t in info["top_frames"]) >= max(totals[t] for t in others) - 1e-6
+
+
+def test_resume_from_a_checkpoint_equals_the_uninterrupted_run(sources, tmp_path):
+    config = TrainConfig(**{**TINY, "eval_every": 1}, epochs=3)
+    whole = train(config, sources, tmp_path / "whole", echo=lambda _: None)
+    part = train(config, sources, tmp_path / "part", stop_after_epoch=1, echo=lambda _: None)
+    assert RunFolder(part).latest_checkpoint().name == "epoch-001"
+    resumed = train(config, sources, resume=part, echo=lambda _: None)
+    assert resumed == part
+    a = load_file(RunFolder(whole).latest_checkpoint() / "model.safetensors")
+    b = load_file(RunFolder(part).latest_checkpoint() / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    losses = lambda run: [m["loss"] for m in RunFolder(run).read_json("metrics.json")]  # noqa: E731
+    assert losses(whole) == losses(part) and len(losses(part)) == 3
+
+
+def test_two_processes_under_accelerate_launch_evaluate_every_test_sample_once(project, sources, tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    # accelerate's --cpu launcher starts several processes only through MPI; --multi_gpu starts them with torchrun,
+    # and on a machine without GPUs each process trains on the CPU (gloo), as `accelerate launch --cpu` would.
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+               "-m", "affectprep", "train", "grace", "--tiny", "--config", str(project.path), "--fold", "1",
+               "--runs", str(tmp_path), "--set", "epochs=1", "--set", "batch_size=8", "--set", "num_workers=1"]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "2 process(es)" in done.stdout and done.stdout.count("run folder:") == 1
+    (run,) = tmp_path.iterdir()
+    predictions = pq.read_table(run / "results-predictions.parquet").column("sample_id").to_pylist()
+    test_ids = [r["sample_id"] for r in sources["expression"].store("index").read().to_pylist() if r["fold"] == 1]
+    assert sorted(predictions) == sorted(test_ids)          # none dropped, none twice
+    assert RunFolder(run).read_json("results.json")["num_samples"] == len(test_ids)
+
+
+def _save_tiny_encoders(folder: Path) -> tuple[Path, Path]:
+    torch.manual_seed(0)
+    video = folder / "videomae"
+    # The demo stores 16 frames per view; the cached tokens are what this encoder makes of all 16.
+    VideoMAEModel(VideoMAEConfig(**{**TINY_VIDEO, "num_frames": 16})).save_pretrained(video)
+    text = folder / "bert"
+    BertModel(BertConfig(**TINY_TEXT), add_pooling_layer=False).save_pretrained(text)
+    tiny_tokenizer().save_pretrained(text)
+    return video, text
+
+
+def test_features_stages_cache_backbones_and_train_heads_only(project, tmp_path):
+    video, text = _save_tiny_encoders(tmp_path)
+    raw = load_project(project.path)
+    raw.stages["features"] = {"video_encoder": str(video)}
+    raw.stages["text_features"] = {"text_encoder": str(text)}
+    assert run_pipeline(raw, "features", progress=False).failed == 0
+    assert run_pipeline(raw, "text_features", progress=False).failed == 0
+    sources = {"expression": resolve_sources(raw, "demo", features=True)}
+    features = sources["expression"].store("features")
+    row = features.read(ids=[features.read(["sample_id"]).column(0)[0].as_py()]).to_pylist()[0]
+    views = sources["expression"].store("faces").read(["num_views"], ids=[row["sample_id"]]).column(0)[0].as_py()
+    assert row["visual_shape"] == [views, 8, 4, 32]              # views, T' = 16/2, (32/16)^2 patches, width
+    assert row["frame_features"] is None                         # no CLIP configured
+    config = TrainConfig(**{**TINY, "eval_every": 1}, source="features", epochs=2, model={"pretrained": str(video)})
+    run = train(config, sources, tmp_path / "runs", echo=lambda _: None)
+    weights = load_file(RunFolder(run).latest_checkpoint() / "model.safetensors")
+    assert not any(k.startswith(("video_encoder.", "text_encoder.")) for k in weights)   # heads only
+    assert RunFolder(run).read_json("results.json")["num_samples"] == 14
+
+
+def test_features_stage_is_opt_in_and_says_what_to_set(project):
+    from affectprep.config import ConfigError
+
+    with pytest.raises(ConfigError, match="stages.features.video_encoder"):
+        run_pipeline(project, "features", progress=False)
+    with pytest.raises(ConfigError, match="run the features stage|video_encoder"):
+        resolve_sources(project, "demo", features=True)
+
+
+def test_train_cli_errors_are_one_line(project, tmp_path):
+    def cli(*args):
+        return subprocess.run([sys.executable, "-m", "affectprep", *args], capture_output=True, text=True,
+                              timeout=300, cwd=tmp_path)
+    unknown = cli("train", "nope", "--config", str(project.path), "--runs", str(tmp_path))
+    assert unknown.returncode == 2 and "unknown model 'nope'" in unknown.stderr and "Traceback" not in unknown.stderr
+    bad = cli("train", "grace", "--tiny", "--config", str(project.path), "--set", "epochs=two")
+    assert bad.returncode == 2 and "train.epochs" in bad.stderr
+    fold = cli("train", "grace", "--tiny", "--config", str(project.path), "--fold", "9")
+    assert fold.returncode == 2 and "no fold 9" in fold.stderr
+    missing = cli("eval", str(tmp_path / "nothing"))
+    assert missing.returncode == 2 and "not a training run folder" in missing.stderr
