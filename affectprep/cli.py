@@ -209,6 +209,8 @@ def train(model: Annotated[Optional[str], typer.Argument(help="A registered mode
           dataset: Annotated[Optional[str], typer.Option("--dataset", "-d", help="Expression dataset (default: "
                                                          "the project's only one).")] = None,
           au_dataset: Annotated[Optional[str], typer.Option(help="AU dataset, for models that learn AUs too.")] = None,
+          target_dataset: Annotated[Optional[str], typer.Option(
+              help="Second-domain dataset with few labels (infrared faces for PCA).")] = None,
           fold: Annotated[Optional[int], typer.Option(help="Test on this official fold (default: fixed split).")] = None,
           text_version: Annotated[Optional[str], typer.Option(
               help="Train on this text version (see `affectprep text list`); default: the current CATE texts.")] = None,
@@ -245,7 +247,7 @@ def train(model: Annotated[Optional[str], typer.Argument(help="A registered mode
         raw.update(model_name=model, **{k: v for k, v in (("fold", fold), ("source", source)) if v is not None})
         raw["tiny"] = tiny or raw.get("tiny", False)
         train_config = TrainConfig.from_dict(raw)
-        sources = _training_sources(project, train_config, dataset, au_dataset, text_version)
+        sources = _training_sources(project, train_config, dataset, au_dataset, target_dataset, text_version)
     path = train_run(train_config, sources, runs, resume=resume, stop_after_epoch=stop_after_epoch, echo=typer.echo)
     if PartialState().is_main_process:
         typer.echo(f"run folder: {path}")
@@ -261,7 +263,7 @@ def _split_setting(item: str) -> tuple[str, object]:
 
 
 def _training_sources(project: ProjectConfig, config, dataset: str | None, au_dataset: str | None,
-                      text_version: str | None) -> dict:
+                      target_dataset: str | None, text_version: str | None) -> dict:
     from affectprep.train_sources import resolve_sources
 
     if dataset is None:
@@ -277,6 +279,11 @@ def _training_sources(project: ProjectConfig, config, dataset: str | None, au_da
                                             expression_set=main.facs_ids["expression"])
             if not sources["au"].au_names:
                 raise ConfigError(f"--au-dataset '{au_dataset}' has no AU labels")
+        if target_dataset is not None:
+            sources["target"] = resolve_sources(project, target_dataset, features=features)
+            if sources["target"].label_names != main.label_names:
+                raise ConfigError(f"--target-dataset '{target_dataset}' has classes {sources['target'].label_names}, "
+                                  f"'{dataset}' has {main.label_names}: the two domains must share their classes")
         return sources
     if au_dataset is not None:
         raise ConfigError(f"'{dataset}' is an AU dataset: pass it as --au-dataset and an expression --dataset")

@@ -145,9 +145,19 @@ TEXT_FEATURES = _schema("text_features", [
     pa.field("encoder", pa.string()),
 ])
 
+# Frozen speech and text encoder tokens of each utterance (MGCMA `--from features`).
+AUDIO_FEATURES = _schema("audio_features", [
+    pa.field("audio_tokens", pa.binary()),            # speech encoder frames, shape (frames, D)
+    pa.field("audio_shape", pa.list_(pa.int32())),
+    pa.field("text_tokens", pa.binary()),             # the transcript's tokens, shape (L, D)
+    pa.field("text_shape", pa.list_(pa.int32())),
+    pa.field("encoders", pa.string()),
+])
+
 SCHEMAS: dict[str, pa.Schema] = {"index": INDEX, "frames": FRAMES, "faces": FACES, "captions": CAPTIONS,
                                  "emotions": EMOTIONS, "cate": CATE, "facs": FACS, "audio": AUDIO,
-                                 "features": FEATURES, "text_features": TEXT_FEATURES}
+                                 "features": FEATURES, "text_features": TEXT_FEATURES,
+                                 "audio_features": AUDIO_FEATURES}
 
 
 def schema_for(stage: str) -> pa.Schema:

@@ -37,7 +37,13 @@ def resolve_sources(project: ProjectConfig, dataset: str, *, features: bool = Fa
         stores["audio"] = plans["audio"].store
     stores["texts"] = _text_store(project, dataset, plans, text_version)
     if features:
-        stores["features"] = _features_plan(project, index, "features").store
+        # Disabled (unconfigured) stages are not in the plan; the model's data says which of these it needs.
+        for stage in ("features", "audio_features"):
+            if stage in plans:
+                stores[stage] = plans[stage].store
+        if not {"features", "audio_features"} & set(stores):
+            raise ConfigError("--from features needs cached features: set stages.features.video_encoder (video), "
+                              "or stages.audio_features.speech_encoder and .text_encoder (speech), and run that stage")
         text_plan = plans.get("text_features")
         if text_plan is not None:
             inputs = {"cate": stores["texts"].key}
@@ -59,7 +65,3 @@ def _text_store(project: ProjectConfig, dataset: str, plans: dict[str, Any], ver
         if version in list_keys(project.cache, dataset, stage):
             return Store(project.cache, dataset, stage, version)
     raise ConfigError(f"no text version '{version}' for dataset '{dataset}': see `affectprep text list`")
-
-
-def _features_plan(project: ProjectConfig, index: Store, stage: str):
-    return next(p for p in plan_stages(project, index, stage) if p.stage.name == stage)

@@ -1,19 +1,21 @@
-"""Training data straight from the Parquet stores: sample selection, clip augmentation, a streaming dataset.
+"""Training data straight from the Parquet stores: sample selection, clip augmentation, streaming datasets.
 
-`StoreClips` streams aligned face clips from a `faces` store one part file at a time, so memory is bounded by one
-part plus the shuffle buffer (which holds JPEG bytes, decoded only when a clip is yielded) whatever the dataset's
-size. Work is split across DataLoader workers and distributed ranks by `shard`: contiguous, balanced slices of one
-per-epoch order, so every sample is yielded exactly once per epoch with no padding duplicates.
+`StoreSamples` streams one item per (sample, view) from a store one part file at a time, so memory is bounded by
+one part plus the shuffle buffer (which holds undecoded bytes) whatever the dataset's size: `StoreClips` aligned
+face clips or images (with landmarks and texts) from a `faces` store, `StoreFeatures` cached backbone tokens,
+`StoreAudio` utterances. Work is split across DataLoader workers and distributed ranks by `shard`: contiguous,
+balanced slices of one per-epoch order, so every sample is yielded exactly once per epoch with no padding
+duplicates.
 
-How the trainer should use it under several processes (accelerate):
-- Pass rank=accelerator.process_index, world_size=accelerator.num_processes and do NOT `accelerator.prepare` the
-  DataLoader (accelerate would shard it a second time); move batches to the device yourself.
-- Ranks may hold one sample more than others, so one rank can have one batch more: train inside
-  `with accelerator.join_uneven_inputs([model]):` so DDP does not wait for a batch that never comes.
-- Evaluate with shuffle_buffer=0 (and view=None for multi-view testing), collect (sample_id, view, logits) per
-  rank, and gather them with `accelerate.utils.gather_object`: the shards are disjoint and unpadded, so the
-  gathered lists hold each (sample, view) exactly once; average the views per sample_id, then score.
-- Call `set_epoch(epoch)` before each epoch and keep persistent_workers off, so the workers see the new epoch.
+How the trainer (models/train.py) uses them under several processes (accelerate):
+- rank=accelerator.process_index, world_size=accelerator.num_processes, and the DataLoader is NOT prepared by
+  accelerate (it would shard a second time); batches are moved to the device by the trainer.
+- Training sets drop_remainder=True, so every rank holds the same number of samples and runs the same number of
+  steps (DDP waits for every rank at each step).
+- Evaluation uses shuffle_buffer=0 and view=None (multi-view testing); each rank's (sample_id, view, scores) are
+  gathered with `accelerate.utils.gather_object`: the shards are disjoint and unpadded, so the gathered lists hold
+  each (sample, view) exactly once.
+- `set_epoch(epoch)` before each epoch, persistent_workers off, so the workers see the new epoch.
 """
 from __future__ import annotations
 
@@ -37,7 +39,10 @@ from .registry import IMAGENET_MEAN, IMAGENET_STD
 log = logging.getLogger(__name__)
 
 PARTS = ("train", "test", "val")
-TASKS = ("expression", "au")
+# "target": expressions of a second domain (infrared faces for PCA) with few labels, trained beside "expression".
+TASKS = ("expression", "au", "target")
+# Batches of these tasks carry a "domain" (B,) tensor: 0 source (visible), 1 target (infrared).
+DOMAINS = {"target": 1}
 
 T = TypeVar("T")
 
@@ -55,8 +60,8 @@ def select_samples(index: Store, split: Split, part: str, task: str = "expressio
         raise ValueError(f"unknown part {part!r}; choose one of {', '.join(PARTS)}")
     if task not in TASKS:
         raise ValueError(f"unknown task {task!r}; choose one of {', '.join(TASKS)}")
-    labelled = ((lambda r: r["label"] is not None and r["label"] >= 0) if task == "expression"
-                else (lambda r: bool(r.get("au"))))
+    labelled = ((lambda r: bool(r.get("au"))) if task == "au"
+                else (lambda r: r["label"] is not None and r["label"] >= 0))
     rows = [r for r in index.read(status=S.STATUS_OK).to_pylist() if labelled(r)]
     if split.fold is None:
         chosen = [r for r in rows if r["split"] == part]
@@ -70,6 +75,24 @@ def select_samples(index: Store, split: Split, part: str, task: str = "expressio
         # Samples outside every fold (fold 0) belong to no official protocol, so neither part takes them.
         chosen = [r for r in rows if r["fold"] and (r["fold"] == split.fold) == (part == "test")]
     return sorted(chosen, key=lambda r: r["sample_id"])
+
+
+def few_labels(samples: list[dict], per_class: int, seed: int) -> list[dict]:
+    """The samples with their labels kept for a random `per_class` of each class and set to -1 (unlabelled) for the
+    rest: the weakly supervised target domain. Deterministic for a seed."""
+    rng = np.random.default_rng(seed)
+    keep: set[str] = set()
+    for label in sorted({s["label"] for s in samples}):
+        ids = sorted(s["sample_id"] for s in samples if s["label"] == label)
+        keep.update(rng.permutation(ids)[:per_class].tolist())
+    return [s if s["sample_id"] in keep else {**s, "label": -1} for s in samples]
+
+
+def with_domain(batch: dict[str, Any], domain: int | None) -> dict[str, Any]:
+    """The batch with its "domain" tensor, for tasks of a second domain (see DOMAINS)."""
+    if domain is None:
+        return batch
+    return {**batch, "domain": torch.full((len(batch["sample_ids"]),), domain, dtype=torch.long)}
 
 
 def class_weights_from_labels(labels: Sequence[int], num_classes: int) -> torch.Tensor:
@@ -451,6 +474,17 @@ class StoreAudio(StoreSamples):
         return {"waveform": torch.from_numpy(waveform), "text": row["transcript"] or ""}
 
 
+class StoreAudioFeatures(StoreSamples):
+    """Cached speech encoder frames (T, D) and transcript tokens (L, D) of each utterance from an
+    `audio_features` store, as float32 tensors (MGCMA `--from features`)."""
+
+    item_columns = ("sample_id", "audio_tokens", "audio_shape", "text_tokens", "text_shape")
+
+    def _item(self, row: dict[str, Any], view: int, rng: np.random.Generator) -> dict[str, Any]:
+        return {"audio_tokens": torch.from_numpy(_array(row["audio_tokens"], row["audio_shape"]).astype(np.float32)),
+                "text_tokens": torch.from_numpy(_array(row["text_tokens"], row["text_shape"]).astype(np.float32))}
+
+
 def _array(data: bytes, shape: Sequence[int]) -> np.ndarray:
     """A cached float16 array (raw little-endian bytes + shape) -> numpy."""
     array = np.frombuffer(data, dtype="<f2")
@@ -493,8 +527,8 @@ def _shuffled(items: Iterator[T], buffer_size: int, rng: np.random.Generator) ->
 def collate(batch: list[dict[str, Any]]) -> dict[str, Any]:
     """Items -> one batch (see models/registry.py for the keys): frames (B, T, 3, H, W) or cached visual_tokens,
     labels (B,), views (B,), sample_ids [B], and when the items have them: au (B, M), landmarks (B, T, P, 2),
-    texts [B], cached text_tokens (B, L, D) padded with text_mask (B, L), waveform (B, N) padded with
-    waveform_mask (B, N)."""
+    texts [B], cached text_tokens (B, L, D) / audio_tokens (B, T, D) padded with text_mask / audio_mask, waveform
+    (B, N) padded with waveform_mask (B, N)."""
     if not batch:
         raise ValueError("cannot collate an empty batch")
     out: dict[str, Any] = {"labels": torch.tensor([item["label"] for item in batch], dtype=torch.long),
@@ -511,8 +545,9 @@ def collate(batch: list[dict[str, Any]]) -> dict[str, Any]:
         out["au"] = torch.tensor([item.get("au") for item in batch], dtype=torch.float32)
     if "text" in batch[0]:
         out["texts"] = [item["text"] for item in batch]
-    if "text_tokens" in batch[0]:
-        out["text_tokens"], out["text_mask"] = pad_tokens([item["text_tokens"] for item in batch])
+    for name in ("text", "audio"):
+        if f"{name}_tokens" in batch[0]:
+            out[f"{name}_tokens"], out[f"{name}_mask"] = pad_tokens([item[f"{name}_tokens"] for item in batch])
     if "waveform" in batch[0]:
         waveforms, mask = pad_tokens([item["waveform"][:, None] for item in batch])
         out["waveform"], out["waveform_mask"] = waveforms[..., 0], mask

@@ -22,17 +22,19 @@ from accelerate.utils import gather_object
 from torch import nn
 
 from . import metrics
+from .data import DOMAINS, with_domain
 from .runs import (RunFolder, Sources, TrainConfig, build_model, load_weights, make_dataset, make_loader,
                    samples_for)
 
 
-def predict(model: nn.Module, loader, accelerator: Accelerator) -> list[dict[str, Any]]:
+def predict(model: nn.Module, loader, accelerator: Accelerator, domain: int | None = None) -> list[dict[str, Any]]:
     """One record per (sample, view) of this process's shard, gathered from every process."""
     core = accelerator.unwrap_model(model)
     model.eval()
     records = []
     with torch.no_grad(), accelerator.autocast():
         for batch in loader:
+            batch = with_domain(batch, domain)
             outputs = model(**core.batch_inputs(batch))
             probabilities = outputs["logits"].float().softmax(-1).cpu() if "logits" in outputs else None
             au_scores = outputs["au_logits"].float().sigmoid().cpu() if "au_logits" in outputs else None
@@ -68,40 +70,48 @@ def per_sample(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
-def score(samples: list[dict[str, Any]], label_names: list[str], au_names: list[str]) -> dict[str, Any]:
-    results: dict[str, Any] = {"num_samples": len(samples)}
-    labelled = [s for s in samples if "probabilities" in s and s["label"] >= 0]
-    if labelled:
-        results["expression"] = metrics.expression_report([s["label"] for s in labelled],
-                                                          [s["prediction"] for s in labelled], label_names)
-    with_aus = [s for s in samples if "au_scores" in s]
-    if with_aus and au_names:
-        true, scores = [s["au"] for s in with_aus], [s["au_scores"] for s in with_aus]
-        results["au"] = metrics.au_report(true, scores, au_names)
-        results["au_searched_thresholds"] = metrics.au_report(true, scores, au_names,
-                                                              metrics.search_thresholds(true, scores))
+def score(samples: dict[str, list[dict[str, Any]]], sources: dict[str, Sources]) -> dict[str, Any]:
+    """Scores per task: expression reports for "expression" and "target", AU F1 for "au"."""
+    results: dict[str, Any] = {"num_samples": sum(map(len, samples.values()))}
+    for task, task_samples in samples.items():
+        if task == "au":
+            with_aus = [s for s in task_samples if "au_scores" in s]
+            true, scores = [s["au"] for s in with_aus], [s["au_scores"] for s in with_aus]
+            au_names = sources[task].au_names
+            results["au"] = metrics.au_report(true, scores, au_names)
+            results["au_searched_thresholds"] = metrics.au_report(true, scores, au_names,
+                                                                  metrics.search_thresholds(true, scores))
+        else:
+            labelled = [s for s in task_samples if "probabilities" in s and s["label"] >= 0]
+            results[task] = metrics.expression_report([s["label"] for s in labelled],
+                                                      [s["prediction"] for s in labelled], sources[task].label_names)
     return results
 
 
-def write_results(run: RunFolder, samples: list[dict[str, Any]], results: dict[str, Any], label_names: list[str],
-                  name: str = "results") -> None:
-    """results JSON, test predictions (Parquet) and, for expressions, the confusion matrix as PNG and text."""
+def write_results(run: RunFolder, samples: dict[str, list[dict[str, Any]]], results: dict[str, Any],
+                  sources: dict[str, Sources], name: str = "results") -> None:
+    """results JSON, test predictions (Parquet, with their task) and, per expression task, the confusion matrix
+    as PNG and text (`<name>-confusion.*` for "expression", `<name>-<task>-confusion.*` for another)."""
     run.write_json(f"{name}.json", results)
-    columns = {key: [s.get(key) for s in samples] for key in ("sample_id", "label", "prediction", "views",
-                                                              "probabilities", "au_scores", "au")
-               if any(key in s for s in samples)}
+    rows = [{"task": task, **s} for task, task_samples in samples.items() for s in task_samples]
+    columns = {key: [r.get(key) for r in rows] for key in ("task", "sample_id", "label", "prediction", "views",
+                                                           "probabilities", "au_scores", "au")
+               if any(key in r for r in rows)}
     pq.write_table(pa.table(columns), run.path / f"{name}-predictions.parquet")
-    if "expression" in results:
-        cm = np.asarray(results["expression"]["confusion"])
-        metrics.save_confusion_png(cm, label_names, run.path / f"{name}-confusion.png", title=name)
-        (run.path / f"{name}-confusion.txt").write_text(metrics.confusion_table(cm, label_names) + "\n")
+    for task in samples:
+        if task in results and "confusion" in results[task]:
+            stem = f"{name}-confusion" if task == "expression" else f"{name}-{task}-confusion"
+            cm, names = np.asarray(results[task]["confusion"]), sources[task].label_names
+            metrics.save_confusion_png(cm, names, run.path / f"{stem}.png", title=f"{name}: {task}")
+            (run.path / f"{stem}.txt").write_text(metrics.confusion_table(cm, names) + "\n")
 
 
 def summary_line(results: dict[str, Any]) -> str:
     parts = [f"{results['num_samples']} samples"]
-    if "expression" in results:
-        e = results["expression"]
-        parts.append(f"UAR {100 * e['uar']:.2f}  WAR {100 * e['war']:.2f}")
+    for task in ("expression", "target"):
+        if task in results:
+            e = results[task]
+            parts.append(("target " if task == "target" else "") + f"UAR {100 * e['uar']:.2f}  WAR {100 * e['war']:.2f}")
     if "au" in results:
         parts.append(f"AU F1 {100 * (results['au']['mean_f1'] or 0):.2f} "
                      f"(searched thresholds {100 * (results['au_searched_thresholds']['mean_f1'] or 0):.2f})")
@@ -109,17 +119,18 @@ def summary_line(results: dict[str, Any]) -> str:
 
 
 def evaluate(model: nn.Module, config: TrainConfig, sources: dict[str, Sources], accelerator: Accelerator,
-             views: int | None) -> list[dict[str, Any]]:
-    """Predict the test part of every task with up to `views` views per sample; per-sample records (all
-    processes get them)."""
+             views: int | None) -> dict[str, list[dict[str, Any]]]:
+    """Predict the test part of every task with up to `views` views per sample: per task, per-sample records
+    (every process gets them)."""
     core = accelerator.unwrap_model(model)
-    records = []
+    out = {}
     for task, task_sources in sources.items():
         samples = samples_for(task_sources, config, "test", task)
         dataset = make_dataset(core, config, task_sources, samples, train=False, rank=accelerator.process_index,
                                world_size=accelerator.num_processes, view=None, max_views=views)
-        records += predict(model, make_loader(dataset, config.batch_size, config.num_workers), accelerator)
-    return per_sample(records)
+        loader = make_loader(dataset, config.batch_size, config.num_workers)
+        out[task] = per_sample(predict(model, loader, accelerator, domain=DOMAINS.get(task)))
+    return out
 
 
 def evaluate_run(run_path: Path, views: int | None = None) -> dict[str, Any]:
@@ -130,13 +141,8 @@ def evaluate_run(run_path: Path, views: int | None = None) -> dict[str, Any]:
     model = load_weights(build_model(config, sources), run.require_checkpoint())
     model = accelerator.prepare(model)
     samples = evaluate(model, config, sources, accelerator, views if views is not None else config.eval_views)
-    first = next(iter(sources.values()))
-    results = score(samples, first.label_names, _au_names(sources))
+    results = score(samples, sources)
     results["views"] = views if views is not None else "all"
     if accelerator.is_main_process:
-        write_results(run, samples, results, first.label_names, f"eval-views{views or 'all'}")
+        write_results(run, samples, results, sources, f"eval-views{views or 'all'}")
     return results
-
-
-def _au_names(sources: dict[str, Sources]) -> list[str]:
-    return next((s.au_names for s in sources.values() if s.au_names), [])

@@ -148,12 +148,14 @@ class _Attention(nn.Module):
     def __init__(self, dim: int, heads: int, dropout: float, *, cross: bool):
         super().__init__()
         self.query_norm = nn.LayerNorm(dim)
-        self.key_norm = nn.LayerNorm(dim) if cross else self.query_norm
+        # Self-attention reuses query_norm in forward rather than aliasing it here: an aliased module is one tensor
+        # under two names, which safetensors checkpoints store once, so the saved state would not load back.
+        self.key_norm = nn.LayerNorm(dim) if cross else None
         self.attention = nn.MultiheadAttention(dim, heads, dropout=dropout, batch_first=True)
         self.dropout = nn.Dropout(dropout)
 
     def forward(self, queries: Tensor, keys: Tensor, key_mask: Tensor) -> Tensor:
-        keys = self.key_norm(keys)
+        keys = (self.query_norm if self.key_norm is None else self.key_norm)(keys)
         attended, _ = self.attention(self.query_norm(queries), keys, keys, key_padding_mask=~key_mask,
                                      need_weights=False)
         return queries + self.dropout(attended)

@@ -71,7 +71,7 @@ _PROMPT_STD = 0.02   # CoOp / MaPLe initialisation of the context vectors
 class PCA(nn.Module):
     """PCA classifier. Build it with `create_model("pca", ...)`; see the module docstring for the design."""
 
-    tasks = ("expression",)
+    tasks = ("expression", "target")   # visible source, infrared target (few labels)
 
     def __init__(self, clip: CLIPModel, tokenizer: PreTrainedTokenizerBase, *, class_names: Sequence[str],
                  prompts: int = 2, prompt_depth: int = 9, cpt: bool = True, iga: bool = True, bank_size: int = 5,
@@ -250,13 +250,18 @@ class PCA(nn.Module):
 
     def loss(self, outputs: dict[str, dict[str, Tensor]], batches: dict[str, dict],
              class_weights: Tensor | None = None) -> dict[str, Tensor]:
-        """lambda1 * L_cls + lambda2 * L_iga over the labelled samples; parts "cls" (and "iga"), detached."""
-        output, labels = outputs["expression"], batches["expression"]["labels"]
-        parts = {"cls": _labelled_cross_entropy(output["cls_logits"], labels, class_weights)}
-        total = self.lambdas[0] * parts["cls"]
-        if self.iga:
-            parts["iga"] = _labelled_cross_entropy(output["iga_logits"], labels, class_weights)
-            total = total + self.lambdas[1] * parts["iga"]
+        """lambda1 * L_cls + lambda2 * L_iga over the labelled samples of each domain given ("expression" is the
+        visible source, "target" the infrared domain, each its own batch); parts "cls" (and "iga"), detached."""
+        parts: dict[str, Tensor] = {}
+        for task, output in outputs.items():
+            labels = batches[task]["labels"]
+            weights = class_weights if task == "expression" else None   # the weights are the source's counts
+            terms = {"cls": _labelled_cross_entropy(output["cls_logits"], labels, weights)}
+            if self.iga:
+                terms["iga"] = _labelled_cross_entropy(output["iga_logits"], labels, weights)
+            for name, value in terms.items():
+                parts[name] = parts[name] + value if name in parts else value
+        total = self.lambdas[0] * parts["cls"] + (self.lambdas[1] * parts["iga"] if self.iga else 0.0)
         return {"loss": total, **{name: value.detach() for name, value in parts.items()}}
 
     def param_groups(self, lr: float, weight_decay: float = 5e-4) -> list[dict]:

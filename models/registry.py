@@ -4,7 +4,8 @@ Every builder accepts `tiny` (small random configs for tests and CPU smoke runs)
 the trainer passes `num_classes` (and, to models that declare them in `ModelInputs`, the AU names and the FACS
 asset). Every registered model follows one convention, so the trainer, eval and the tests drive any of them:
 
-- `tasks`: the label kinds it learns, a tuple of "expression" and/or "au".
+- `tasks`: what it learns, a tuple of "expression", "au" and "target" (the expressions of a second domain with few
+  labels, e.g. infrared faces next to visible ones; its batches carry "domain" = 1).
 - `inputs`: a `ModelInputs` saying what the data loader must supply.
 - `example_inputs(batch_size, generator=None)`: random keyword arguments for `model(**inputs)`.
 - `batch_inputs(batch)`: a collated loader batch (see models/data.py `collate`) -> keyword arguments for forward
@@ -45,7 +46,7 @@ class ModelInputs:
 
 # Modules under affectprep.models that register models when imported; imported on first registry lookup so
 # that `create_model` works without the caller importing each model module first.
-_BUILTIN_MODULES = ("grace", "mgcma", "pca", "grefel")
+_BUILTIN_MODULES = ("grace", "ssm", "mgcma", "pca", "grefel")
 
 _BUILDERS: dict[str, Callable[..., nn.Module]] = {}
 _builtins_loaded = False

@@ -33,8 +33,8 @@ from affectprep import schema as S
 from affectprep.config import ConfigError, build_dataclass
 from affectprep.store import Store
 
-from .data import (ClipAugment, Split, StoreAudio, StoreClips, StoreFeatures, StoreSamples, collate,
-                   select_samples)
+from .data import (ClipAugment, Split, StoreAudio, StoreAudioFeatures, StoreClips, StoreFeatures, StoreSamples,
+                   collate, select_samples)
 from .registry import model_builder
 
 ROLES = ("index", "faces", "texts", "features", "text_features", "facs", "audio")
@@ -48,6 +48,7 @@ class TrainConfig:
     model: dict[str, Any] = field(default_factory=dict)
     source: Literal["frames", "features"] = "frames"
     fold: int | None = None                # None: the dataset's fixed train/test split
+    target_labels: int | None = 5          # labelled training samples per class in a "target" domain (PCA); None: all
     epochs: int = 30
     batch_size: int = 64                   # per optimiser step, over all processes and accumulation steps
     grad_accum: int = 1
@@ -133,14 +134,17 @@ def build_model(config: TrainConfig, sources: dict[str, Sources]) -> nn.Module:
     if "facs" in accepts and any(s.facs_ids for s in sources.values()):
         options.setdefault("facs", _merged_facs(sources))
     if config.source == "features":
-        missing = [o for o in ("video_features", "text_features") if o not in accepts]
-        if missing:
-            raise ConfigError(f"model '{config.model_name}' cannot train from cached features (its builder takes no "
-                              f"{', '.join(missing)}); use --from frames")
         main = next(iter(sources.values()))
-        options.update(video_features=True, text_features="text_features" in main.stores)
-        if "text_features" in main.stores:
-            options.setdefault("text_dim", _text_dim(main.store("text_features")))
+        if "video_features" in accepts:       # video models: cached VideoMAE tokens (and text tokens)
+            options.update(video_features=True, text_features="text_features" in main.stores)
+            if "text_features" in main.stores:
+                options.setdefault("text_dim", _last_dim(main.store("text_features"), "text_shape"))
+        elif "features" in accepts:           # speech models: cached speech and transcript tokens
+            audio = main.store("audio_features")
+            options.update(features=True, audio_dim=_last_dim(audio, "audio_shape"),
+                           text_dim=_last_dim(audio, "text_shape"))
+        else:
+            raise ConfigError(f"model '{config.model_name}' cannot train from cached features; use --from frames")
     try:
         return builder(tiny=config.tiny, **options)
     except (TypeError, ValueError) as e:
@@ -155,11 +159,12 @@ def _merged_facs(sources: dict[str, Sources]) -> dict[str, dict[str, Any]]:
     return merged
 
 
-def _text_dim(text_features: Store) -> int:
-    for table in text_features.iter_tables(["text_shape"], status=S.STATUS_OK):
+def _last_dim(store: Store, column: str) -> int:
+    """The width of the cached arrays in `column` (the last entry of a stored shape)."""
+    for table in store.iter_tables([column], status=S.STATUS_OK):
         if table.num_rows:
-            return int(table.column("text_shape")[0].as_py()[-1])
-    raise ConfigError(f"{text_features} has no text tokens: run the text_features stage")
+            return int(table.column(column)[0].as_py()[-1])
+    raise ConfigError(f"{store} holds no features: run the {store.stage} stage")
 
 
 # ---- the data ----------------------------------------------------------------------------------------------------
@@ -189,6 +194,8 @@ def make_dataset(model: nn.Module, config: TrainConfig, sources: Sources, sample
                   world_size=world_size, drop_remainder=train)
     cached_text = config.source == "features" and "text_features" in sources.stores
     texts = texts_for(sources, samples) if inputs.text == "caption" and not cached_text else None
+    if config.source == "features" and inputs.audio:
+        return StoreAudioFeatures(sources.store("audio_features"), samples, **common)
     if config.source == "features":
         return StoreFeatures(sources.store("features"), samples, texts=texts,
                              text_features=sources.store("text_features") if cached_text else None, **common)

@@ -32,12 +32,12 @@ from typing import Any, Callable
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import broadcast_object_list, set_seed
+from accelerate.utils import DistributedDataParallelKwargs, broadcast_object_list, set_seed
 from torch import nn
 
 from affectprep.config import ConfigError
 
-from .data import class_weights_from_labels
+from .data import DOMAINS, class_weights_from_labels, few_labels, with_domain
 from .evaluate import evaluate, score, summary_line, write_results
 from .runs import (RunFolder, Sources, TrainConfig, build_model, git_state, make_dataset, make_loader,
                    samples_for)
@@ -53,14 +53,16 @@ def train(config: TrainConfig, sources: dict[str, Sources], runs_dir: Path = Pat
     stop_after_epoch: end this process after that epoch's checkpoint (e.g. to fit a cluster's time limit);
     `--resume` goes on from there.
     """
-    accelerator = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=config.mixed_precision)
-    say = (lambda text: echo(text)) if accelerator.is_main_process else (lambda text: None)
     set_seed(config.seed)
     model = build_model(config, sources)
     tasks = [task for task in model.tasks if task in sources]
+    # A task's forward may leave another task's head unused; DDP must then not wait for its gradients.
+    ddp = DistributedDataParallelKwargs(find_unused_parameters=len(tasks) > 1)
+    accelerator = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=config.mixed_precision,
+                              kwargs_handlers=[ddp])
+    say = (lambda text: echo(text)) if accelerator.is_main_process else (lambda text: None)
     if not tasks:
         raise ConfigError(f"model '{config.model_name}' learns {', '.join(model.tasks)}; no dataset was given for it")
-    first = sources[tasks[0]]
 
     # ---- data: each process streams its own shard of every task's train split -------------------------------
     world, rank = accelerator.num_processes, accelerator.process_index
@@ -71,6 +73,8 @@ def train(config: TrainConfig, sources: dict[str, Sources], runs_dir: Path = Pat
     train_sets, class_weights = {}, None
     for task in tasks:
         samples = samples_for(sources[task], config, "train", task)
+        if task == "target" and config.target_labels is not None:
+            samples = few_labels(samples, config.target_labels, config.seed)
         if not samples:
             raise ConfigError(f"dataset '{sources[task].dataset}' has no {task} training samples")
         train_sets[task] = make_dataset(model, config, sources[task], samples, train=True, rank=rank,
@@ -123,7 +127,7 @@ def train(config: TrainConfig, sources: dict[str, Sources], runs_dir: Path = Pat
             update = step - window_start == window - 1
             parts = {"loss": 0.0}
             for i, task in enumerate(tasks):
-                batch = _to_device(next(streams[task]), accelerator.device)
+                batch = _to_device(with_domain(next(streams[task]), DOMAINS.get(task)), accelerator.device)
                 last = update and i == len(tasks) - 1
                 with contextlib.nullcontext() if last else accelerator.no_sync(model):
                     with accelerator.autocast():
@@ -151,11 +155,10 @@ def train(config: TrainConfig, sources: dict[str, Sources], runs_dir: Path = Pat
 
         if (epoch + 1) % config.eval_every == 0 or epoch + 1 == config.epochs:
             samples = evaluate(model, config, sources, accelerator, config.eval_views)
-            results = score(samples, first.label_names, next((s.au_names for s in sources.values() if s.au_names),
-                                                              []))
-            entry["test"] = {k: results[k] for k in ("expression", "au") if k in results}
+            results = score(samples, sources)
+            entry["test"] = {k: results[k] for k in tasks if k in results}
             if accelerator.is_main_process:
-                write_results(run, samples, results, first.label_names)
+                write_results(run, samples, results, sources)
             entry["summary"] = summary_line(results)
         history.append(entry)
         say(f"epoch {epoch + 1}/{config.epochs}  loss {entry['loss']:.4f}  lr {entry['lr']:.2e}  "

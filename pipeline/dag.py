@@ -260,12 +260,14 @@ def applies_to(stage: Stage, media_kind: str, label: int | None) -> bool:
 
 
 def _segments(plans: list[StagePlan]) -> list[list[StagePlan]]:
-    """Consecutive sample-scope stages with the same batch size run as chained Dask tasks; a dataset-scope stage
-    runs alone, after everything before it."""
+    """Consecutive sample-scope stages with the same batch size and the same samples (media kinds, label need) run
+    as chained Dask tasks; a dataset-scope stage runs alone, after everything before it."""
     segments: list[list[StagePlan]] = []
     for plan in plans:
         last = segments[-1][-1].stage if segments else None
-        if last is not None and plan.stage.scope == last.scope == "sample" and plan.stage.batch_size == last.batch_size:
+        stage = plan.stage
+        if (last is not None and stage.scope == last.scope == "sample" and stage.batch_size == last.batch_size
+                and stage.media_kinds == last.media_kinds and stage.needs_label == last.needs_label):
             segments[-1].append(plan)
         else:
             segments.append([plan])

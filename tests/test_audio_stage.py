@@ -153,13 +153,14 @@ def test_rerun_keeps_the_work_and_a_repaired_file_is_redone_alone(project, first
     assert all(after[u]["waveform"] == before[u]["waveform"] for u in GOOD)
 
 
-def test_only_the_audio_stage_applies_to_audio(tmp_path):
+def test_only_the_speech_stages_apply_to_audio(tmp_path):
     audio_stage = AudioStage(AudioConfig())
     for name, cls in STAGES.items():
         if cls.reads:
             stage = cls(cls.Config())
-            assert applies_to(stage, "audio", 1) == (name == "audio")
-            assert applies_to(stage, "image", 1) == (name != "audio")
+            speech = name in ("audio", "audio_features")
+            assert applies_to(stage, "audio", 1) == speech
+            assert applies_to(stage, "image", 1) == (not speech)
     assert not applies_to(audio_stage, "video", 0)
     # a dataset mixing an image and a recording: each branch sees only its own kind
     from image_dataset_fixtures import write_face

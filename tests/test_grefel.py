@@ -18,15 +18,6 @@ from affectprep.models.grefel import (STAGES, TINY_BACKBONE, WindowCrossAttentio
 from affectprep.models.registry import create_model
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run faster on one thread, and the shared test machine has few cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def tiny_grefel(**options):
     torch.manual_seed(0)
     return create_model("grefel", tiny=True, num_classes=3, **options)

@@ -17,15 +17,6 @@ from affectprep.models.text import tiny_tokenizer
 TRANSCRIPTS = ["I can't believe you did that!", "Okay.", "That's wonderful news, really.", "Leave me alone"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Tiny models on a shared two-core box run far faster single-threaded than fighting for both cores.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def tiny_mgcma(**options) -> Mgcma:
     torch.manual_seed(0)
     return create_model("mgcma", tiny=True, **options)

@@ -12,15 +12,6 @@ from affectprep.models.text import tiny_tokenizer
 CLASSES = ["happy", "sad", "angry"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run faster on one thread, and the shared test machine has few cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def tiny_pca(**options):
     torch.manual_seed(0)
     return create_model("pca", tiny=True, num_classes=len(CLASSES), class_names=CLASSES, **options)

@@ -3,7 +3,6 @@
 `features` stages cache frozen backbones for `--from features`."""
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import subprocess
@@ -31,15 +30,6 @@ CLIPS = 70           # 10 per class; DFEW fold 1 holds 14 of them
 # GRACE's tiny variant on the demo: small batches so an epoch has several steps; a few CPU seconds per epoch.
 TINY = dict(model_name="grace", tiny=True, fold=1, batch_size=8, lr=2e-3, warmup_epochs=2, num_workers=0,
             eval_every=10)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # Two cores shared with DataLoader workers and Dask: more threads only oversubscribe them.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
@@ -137,6 +127,19 @@ def test_resume_from_a_checkpoint_equals_the_uninterrupted_run(sources, tmp_path
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     losses = lambda run: [m["loss"] for m in RunFolder(run).read_json("metrics.json")]  # noqa: E731
     assert losses(whole) == losses(part) and len(losses(part)) == 3
+
+
+def test_bf16_autocast_and_gradient_accumulation(sources, tmp_path):
+    config = TrainConfig(**{**TINY, "eval_every": 1}, epochs=1, mixed_precision="bf16", grad_accum=2,
+                         batch_size=8, clip_grad=0.5)
+    lines: list[str] = []
+    run = train(config, sources, tmp_path, echo=lines.append)
+    # 56 training clips in micro-batches of 4: 14 forward steps, 7 optimiser steps.
+    assert "14 steps per epoch" in lines[0]
+    (metrics,) = RunFolder(run).read_json("metrics.json")
+    # 7 optimiser steps of a 14-step linear warm-up (2 epochs): lr = 2e-3 * (7 + 1) / 14.
+    assert metrics["lr"] == pytest.approx(2e-3 * 8 / 14)
+    assert torch.isfinite(torch.tensor(metrics["loss"])) and metrics["test"]["expression"]["uar"] >= 0
 
 
 def test_two_processes_under_accelerate_launch_evaluate_every_test_sample_once(project, sources, tmp_path):

@@ -97,6 +97,35 @@ class TextTokens(_Encoder):
         return [h[:n] for h, n in zip(hidden, encoded["attention_mask"].sum(1).tolist())]
 
 
+class SpeechTokens(_Encoder):
+    """Wav2Vec2-style speech encoder -> last hidden state (frames, D) of each 16 kHz utterance.
+
+    Utterances are encoded one at a time: Wav2Vec2-base normalises its first convolution over the whole time axis,
+    so padding would change a shorter utterance's frames. The waveform is normalised to zero mean and unit variance
+    when the checkpoint's feature extractor says so (do_normalize), as the extractor itself would."""
+
+    def __init__(self, name: str, device: str = "cpu", max_seconds: float = 30.0):
+        super().__init__(name, device)
+        from transformers import AutoFeatureExtractor, AutoModel
+
+        self.model = AutoModel.from_pretrained(name).to(device).eval()
+        try:
+            self.normalize = bool(getattr(AutoFeatureExtractor.from_pretrained(name), "do_normalize", True))
+        except OSError:   # a checkpoint saved without its feature extractor: Wav2Vec2's default
+            self.normalize = True
+        self.max_samples = int(max_seconds * 16000)
+
+    def encode(self, waveforms: list[np.ndarray]) -> list[np.ndarray]:
+        out = []
+        for waveform in waveforms:
+            x = waveform[: self.max_samples].astype(np.float32)
+            if self.normalize:
+                x = (x - x.mean()) / np.sqrt(x.var() + 1e-7)
+            hidden = self._run(self.model, input_values=self.torch.from_numpy(x)[None]).last_hidden_state
+            out.append(hidden[0].float().cpu().numpy().astype(np.float16))
+        return out
+
+
 def array_bytes(array: np.ndarray) -> tuple[bytes, list[int]]:
     """A float16 array -> (little-endian bytes, shape), how the features stores keep arrays."""
     return np.ascontiguousarray(array, dtype="<f2").tobytes(), list(array.shape)

@@ -8,14 +8,12 @@ from .cate import CateStage
 from .emotions import EmotionsStage
 from .faces import FacesStage
 from .facs import FacsStage
-from .features import FeaturesStage, TextFeaturesStage
+from .features import AudioFeaturesStage, FeaturesStage, TextFeaturesStage
 from .frames import FramesStage
 
-# Audio first: the runner chains neighbouring sample stages into one task chain that runs every stage after the
-# chain's first, so audio placed after a vision stage could be handed vision samples.
 STAGES: dict[str, type[Stage]] = {s.name: s for s in (AudioStage, FramesStage, FacesStage, CaptionsStage,
                                                       EmotionsStage, CateStage, FacsStage, FeaturesStage,
-                                                      TextFeaturesStage)}
+                                                      TextFeaturesStage, AudioFeaturesStage)}
 # Stages that only write text: switching the LLM or captioner reruns these and nothing else.
 TEXT_STAGES = ("captions", "cate")
 

@@ -1,7 +1,8 @@
-"""`features` and `text_features`: frozen backbone outputs cached for `train --from features`, which then trains
-only the heads. `features` runs VideoMAE (patch tokens) and/or CLIP (one embedding per frame) on the aligned
-clips; `text_features` runs a text encoder over the CATE texts of the current text version. They are separate
-stages so that a new text version re-embeds text and never touches the (expensive) vision features.
+"""`features`, `text_features` and `audio_features`: frozen backbone outputs cached for `train --from features`,
+which then trains only the heads. `features` runs VideoMAE (patch tokens) and/or CLIP (one embedding per frame) on
+the aligned clips; `text_features` runs a text encoder over the CATE texts of the current text version (a separate
+stage, so a new text version re-embeds text and never touches the expensive vision features); `audio_features`
+runs a speech encoder (Wav2Vec2) on each utterance and a text encoder (BERT) on its transcript (MGCMA).
 
 Both are optional: with no backbone configured they are left out of a run (naming one with --stage is an error
 that says what to set). Each checkpoint's identity (folder name + weights hash, or hub commit) is in the key.
@@ -23,6 +24,15 @@ class FeaturesConfig:
     video_encoder: str | None = None   # VideoMAE checkpoint (folder or cached hub id): patch tokens
     clip_encoder: str | None = None    # CLIP checkpoint: per-frame image embeddings
     views: str = "all"                 # "all" (multi-view testing from features) | "first"
+    device: str = "cpu"
+
+
+@dataclass(frozen=True)
+class AudioFeaturesConfig:
+    speech_encoder: str | None = None  # e.g. facebook/wav2vec2-base
+    text_encoder: str | None = None    # e.g. bert-base-uncased, for the transcripts
+    max_seconds: float = 30.0          # longer utterances are cut (IEMOCAP's longest is ~35 s)
+    max_length: int = 256
     device: str = "cpu"
 
 
@@ -147,4 +157,50 @@ class TextFeaturesStage(Stage):
             data, shape = array_bytes(array)
             out.append({"sample_id": row["sample_id"], "status": "ok", "error": None, "text_tokens": data,
                         "text_shape": shape, "text": row["text"], "encoder": self.config.text_encoder})
+        return out
+
+
+class AudioFeaturesStage(Stage):
+    name = "audio_features"
+    version = 1
+    Config = AudioFeaturesConfig
+    reads = {"audio": ("waveform", "transcript")}
+    media_kinds = frozenset({"audio"})
+    batch_size = 8
+
+    def enabled(self) -> bool:
+        return bool(self.config.speech_encoder and self.config.text_encoder)
+
+    def disabled_reason(self) -> str:
+        return "set stages.audio_features.speech_encoder and stages.audio_features.text_encoder"
+
+    def identity(self) -> dict[str, Any]:
+        return {"speech_encoder": _checkpoint(self.config.speech_encoder),
+                "text_encoder": _checkpoint(self.config.text_encoder)}
+
+    def resources(self) -> dict[str, float]:
+        return {"GPU": 1} if self.config.device.startswith("cuda") else {}
+
+    def setup(self) -> None:
+        from ..backends.feature_encoders import SpeechTokens, TextTokens
+        c = self.config
+        self.speech = SpeechTokens(c.speech_encoder, c.device, c.max_seconds)
+        self.text = TextTokens(c.text_encoder, c.device, c.max_length)
+        self.encoders = json.dumps({"speech_encoder": c.speech_encoder, "text_encoder": c.text_encoder})
+
+    def process(self, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        from ..backends.feature_encoders import array_bytes
+        try:
+            waveforms = [np.frombuffer(row["waveform"], dtype="<i2").astype(np.float32) / 32768.0 for row in rows]
+            speech = self.speech.encode(waveforms)
+            text = self.text.encode([row["transcript"] or "" for row in rows])
+        except Exception as e:  # noqa: BLE001 - a model error is recorded on the samples of this batch
+            return [failed_row(row["sample_id"], f"audio feature encoders failed: {type(e).__name__}: {e}")
+                    for row in rows]
+        out = []
+        for row, audio_tokens, text_tokens in zip(rows, speech, text):
+            (audio, audio_shape), (words, text_shape) = array_bytes(audio_tokens), array_bytes(text_tokens)
+            out.append({"sample_id": row["sample_id"], "status": "ok", "error": None, "audio_tokens": audio,
+                        "audio_shape": audio_shape, "text_tokens": words, "text_shape": text_shape,
+                        "encoders": self.encoders})
         return out
