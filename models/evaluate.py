@@ -3,7 +3,8 @@
 Every process predicts its own disjoint shard of the test samples (one item per sample and view), the records
 are gathered with accelerate's `gather_object` (unpadded, so no sample is counted twice), the views of a sample
 are averaged (mean of the per-view softmax, or of the per-view AU sigmoid), and the main process scores and writes
-the results: UAR, WAR, per-class recall and the confusion matrix (PNG and text) for expressions; per-AU F1 at 0.5
+the results: UAR, WAR, per-class recall and the confusion matrix (PNG and text) for expressions, with the
+Davies-Bouldin and Calinski-Harabasz scores of the test embeddings for models that output one; per-AU F1 at 0.5
 and with per-AU thresholds searched on the test set (what SSM's public code reports; a searched threshold is
 optimistic, hence both) for AUs.
 """
@@ -38,12 +39,15 @@ def predict(model: nn.Module, loader, accelerator: Accelerator, domain: int | No
             outputs = model(**core.batch_inputs(batch))
             probabilities = outputs["logits"].float().softmax(-1).cpu() if "logits" in outputs else None
             au_scores = outputs["au_logits"].float().sigmoid().cpu() if "au_logits" in outputs else None
+            embeddings = outputs["embedding"].float().cpu() if "embedding" in outputs else None
             for i, sample_id in enumerate(batch["sample_ids"]):
                 record = {"sample_id": sample_id, "view": int(batch["views"][i]), "label": int(batch["labels"][i])}
                 if probabilities is not None:
                     record["probabilities"] = probabilities[i].tolist()
                 if au_scores is not None and "au" in batch:
                     record["au_scores"], record["au"] = au_scores[i].tolist(), batch["au"][i].tolist()
+                if embeddings is not None:
+                    record["embedding"] = embeddings[i].tolist()
                 records.append(record)
     return gather_object(records)
 
@@ -59,7 +63,7 @@ def per_sample(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
         if len({r["view"] for r in views}) != len(views):
             raise RuntimeError(f"sample {sample_id} view was predicted twice: the test shards overlap")
         merged = {"sample_id": sample_id, "label": views[0]["label"], "views": len(views)}
-        for key in ("probabilities", "au_scores"):
+        for key in ("probabilities", "au_scores", "embedding"):
             if key in views[0]:
                 merged[key] = np.mean([r[key] for r in views], axis=0).tolist()
         if "au" in views[0]:
@@ -83,19 +87,24 @@ def score(samples: dict[str, list[dict[str, Any]]], sources: dict[str, Sources])
                                                                   metrics.search_thresholds(true, scores))
         else:
             labelled = [s for s in task_samples if "probabilities" in s and s["label"] >= 0]
-            results[task] = metrics.expression_report([s["label"] for s in labelled],
-                                                      [s["prediction"] for s in labelled], sources[task].label_names)
+            labels = [s["label"] for s in labelled]
+            results[task] = metrics.expression_report(labels, [s["prediction"] for s in labelled],
+                                                      sources[task].label_names)
+            # How well the model's embedding space separates the classes (GReFEL's Fig. 5).
+            if labelled and "embedding" in labelled[0] and 2 <= len(set(labels)) < len(labels):
+                results[task]["clusters"] = metrics.cluster_scores([s["embedding"] for s in labelled], labels)
     return results
 
 
 def write_results(run: RunFolder, samples: dict[str, list[dict[str, Any]]], results: dict[str, Any],
                   sources: dict[str, Sources], name: str = "results") -> None:
-    """results JSON, test predictions (Parquet, with their task) and, per expression task, the confusion matrix
-    as PNG and text (`<name>-confusion.*` for "expression", `<name>-<task>-confusion.*` for another)."""
+    """results JSON, test predictions (Parquet, with their task; embeddings too when the model gives them) and, per
+    expression task, the confusion matrix as PNG and text (`<name>-confusion.*` for "expression",
+    `<name>-<task>-confusion.*` for another)."""
     run.write_json(f"{name}.json", results)
     rows = [{"task": task, **s} for task, task_samples in samples.items() for s in task_samples]
     columns = {key: [r.get(key) for r in rows] for key in ("task", "sample_id", "label", "prediction", "views",
-                                                           "probabilities", "au_scores", "au")
+                                                           "probabilities", "au_scores", "au", "embedding")
                if any(key in r for r in rows)}
     pq.write_table(pa.table(columns), run.path / f"{name}-predictions.parquet")
     for task in samples:

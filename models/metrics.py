@@ -251,3 +251,36 @@ def multi_view_average(logits_per_view) -> np.ndarray:
         raise ValueError("logits contain NaN or infinite values")
     shifted = np.exp(logits - logits.max(axis=-1, keepdims=True))   # subtract the max: exp cannot overflow
     return (shifted / shifted.sum(axis=-1, keepdims=True)).mean(axis=0)
+
+
+def cluster_scores(embeddings, labels) -> dict[str, float]:
+    """Davies-Bouldin (lower is better) and Calinski-Harabasz (higher is better) scores of embeddings (N, D)
+    clustered by labels (N,), as scikit-learn defines them."""
+    points = np.asarray(embeddings, dtype=np.float64)
+    labels = np.asarray(labels)
+    if points.ndim != 2 or labels.shape != (points.shape[0],):
+        raise ValueError(f"embeddings must be (N, D) and labels (N,), got {points.shape} and {labels.shape}")
+    clusters, assignment = np.unique(labels, return_inverse=True)
+    count, total = len(clusters), points.shape[0]
+    if not 2 <= count < total:
+        raise ValueError(f"cluster scores need 2 to N - 1 clusters, got {count} for N = {total}")
+    sizes = np.bincount(assignment)
+    centroids = np.zeros((count, points.shape[1]))
+    np.add.at(centroids, assignment, points)
+    centroids /= sizes[:, None]
+
+    offsets = points - centroids[assignment]
+    scatter = np.bincount(assignment, weights=np.linalg.norm(offsets, axis=1)) / sizes
+    separation = np.linalg.norm(centroids[:, None] - centroids[None], axis=-1)
+    if np.allclose(scatter, 0) or np.allclose(separation, 0):
+        davies_bouldin = 0.0
+    else:
+        separation[separation == 0] = np.inf
+        ratios = (scatter[:, None] + scatter[None]) / separation
+        np.fill_diagonal(ratios, -np.inf)
+        davies_bouldin = float(ratios.max(axis=1).mean())
+
+    within = float((offsets ** 2).sum())
+    between = float((sizes * ((centroids - points.mean(axis=0)) ** 2).sum(-1)).sum())
+    calinski_harabasz = 1.0 if within == 0 else between * (total - count) / (within * (count - 1))
+    return {"davies_bouldin": davies_bouldin, "calinski_harabasz": calinski_harabasz}

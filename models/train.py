@@ -73,12 +73,16 @@ def train(config: TrainConfig, sources: dict[str, Sources], runs_dir: Path = Pat
     train_sets, class_weights = {}, None
     for task in tasks:
         samples = samples_for(sources[task], config, "train", task)
-        if task == "target" and config.target_labels is not None:
-            samples = few_labels(samples, config.target_labels, config.seed)
         if not samples:
             raise ConfigError(f"dataset '{sources[task].dataset}' has no {task} training samples")
         train_sets[task] = make_dataset(model, config, sources[task], samples, train=True, rank=rank,
                                         world_size=world)
+        if task == "target" and config.target_labels is not None:
+            # Drawn among the samples the store can yield, so a face that failed never takes a label's place.
+            usable = set(train_sets[task].usable_ids())
+            samples = few_labels([s for s in samples if s["sample_id"] in usable], config.target_labels, config.seed)
+            train_sets[task] = make_dataset(model, config, sources[task], samples, train=True, rank=rank,
+                                            world_size=world)
         if task == "expression":
             labels = [train_sets[task].labels[sid] for sid in train_sets[task].usable_ids()]
             class_weights = class_weights_from_labels(labels, len(sources[task].label_names))
@@ -150,11 +154,14 @@ def train(config: TrainConfig, sources: dict[str, Sources], runs_dir: Path = Pat
                 sums[k] = sums.get(k, 0.0) + v.float()
         elapsed = time.perf_counter() - began
         entry = {"epoch": epoch, "lr": scheduler.get_last_lr()[-1], "seconds": round(elapsed, 3),
-                 "samples_per_s": round(seen * world / elapsed, 2),
+                 "samples_per_s": float(f"{seen * world / elapsed:.4g}"),
                  **{k: accelerator.reduce(v / steps_per_epoch, "mean").item() for k, v in sorted(sums.items())}}
 
         if (epoch + 1) % config.eval_every == 0 or epoch + 1 == config.epochs:
-            samples = evaluate(model, config, sources, accelerator, config.eval_views)
+            # Evaluating draws DataLoader seeds from the global generator: fork it, so how often a run evaluates
+            # does not change its training.
+            with torch.random.fork_rng(devices=[]):
+                samples = evaluate(model, config, sources, accelerator, config.eval_views)
             results = score(samples, sources)
             entry["test"] = {k: results[k] for k in tasks if k in results}
             if accelerator.is_main_process:

@@ -1,20 +1,17 @@
 """GReFEL at tiny size: window cross-attention, reliability balancing (confidence, anchors, attention), the three
-losses, the ablation switches, cluster scores against scikit-learn, loading a saved backbone, and fitting a small
-batch."""
+losses, the ablation switches, loading a saved backbone, and fitting a small batch."""
 from __future__ import annotations
 
 import itertools
 import math
 
-import numpy as np
 import pytest
 import torch
-from sklearn.metrics import calinski_harabasz_score, davies_bouldin_score
 from transformers import ResNetBackbone, ResNetConfig
 
 # Importing the module registers "grefel".
 from affectprep.models.grefel import (STAGES, TINY_BACKBONE, WindowCrossAttention, anchor_loss, center_loss,
-                                      cluster_scores, confidence, confidence_weighted, geometric_correction)
+                                      confidence, confidence_weighted, geometric_correction)
 from affectprep.models.registry import create_model
 
 
@@ -179,25 +176,6 @@ def test_unlabelled_samples_do_not_enter_the_loss():
     torch.testing.assert_close(partial["cls"], expected.detach())
     empty = loss_of(model, outputs, torch.full((3,), -1))
     assert empty["cls"].item() == 0 and empty["center"].item() == 0
-
-
-def test_cluster_scores_match_scikit_learn():
-    generator = np.random.default_rng(0)
-    labels = generator.integers(0, 4, size=60)
-    embeddings = generator.normal(size=(60, 8)) + labels[:, None] * 1.5
-    scores = cluster_scores(embeddings, labels)
-    assert scores["davies_bouldin"] == pytest.approx(davies_bouldin_score(embeddings, labels), rel=1e-9)
-    assert scores["calinski_harabasz"] == pytest.approx(calinski_harabasz_score(embeddings, labels), rel=1e-9)
-    # Non-contiguous label values and torch input.
-    shifted = torch.from_numpy(embeddings).float()
-    scores = cluster_scores(shifted, labels * 3 + 7)
-    assert scores["davies_bouldin"] == pytest.approx(davies_bouldin_score(shifted.numpy(), labels), rel=1e-6)
-    # Better separated clusters score better on both.
-    tight = cluster_scores(generator.normal(size=(60, 8)) * 0.1 + labels[:, None] * 1.5, labels)
-    assert tight["davies_bouldin"] < scores["davies_bouldin"] and tight["calinski_harabasz"] > scores[
-        "calinski_harabasz"]
-    with pytest.raises(ValueError, match="2 to N - 1 clusters"):
-        cluster_scores(embeddings, np.zeros(60))
 
 
 def test_backbone_loads_from_a_saved_checkpoint(tmp_path):

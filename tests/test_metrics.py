@@ -2,11 +2,12 @@ import warnings
 
 import numpy as np
 import pytest
+import torch
 from sklearn import metrics as skm
 
 from affectprep.models.metrics import (
-    au_f1, au_report, confusion_matrix, confusion_table, expression_report, multi_view_average, per_class_recall,
-    save_confusion_png, search_thresholds, uar, war,
+    au_f1, au_report, cluster_scores, confusion_matrix, confusion_table, expression_report, multi_view_average,
+    per_class_recall, save_confusion_png, search_thresholds, uar, war,
 )
 
 K = 7
@@ -163,3 +164,22 @@ def test_multi_view_average_is_mean_of_softmax():
     np.testing.assert_allclose(probabilities, expected)
     with pytest.raises(ValueError, match="views, samples, classes"):
         multi_view_average(np.zeros((5, 4)))
+
+
+def test_cluster_scores_match_scikit_learn():
+    generator = np.random.default_rng(0)
+    labels = generator.integers(0, 4, size=60)
+    embeddings = generator.normal(size=(60, 8)) + labels[:, None] * 1.5
+    scores = cluster_scores(embeddings, labels)
+    assert scores["davies_bouldin"] == pytest.approx(skm.davies_bouldin_score(embeddings, labels), rel=1e-9)
+    assert scores["calinski_harabasz"] == pytest.approx(skm.calinski_harabasz_score(embeddings, labels), rel=1e-9)
+    # Non-contiguous label values and torch input.
+    shifted = torch.from_numpy(embeddings).float()
+    scores = cluster_scores(shifted, labels * 3 + 7)
+    assert scores["davies_bouldin"] == pytest.approx(skm.davies_bouldin_score(shifted.numpy(), labels), rel=1e-6)
+    # Better separated clusters score better on both.
+    tight = cluster_scores(generator.normal(size=(60, 8)) * 0.1 + labels[:, None] * 1.5, labels)
+    assert tight["davies_bouldin"] < scores["davies_bouldin"] and tight["calinski_harabasz"] > scores[
+        "calinski_harabasz"]
+    with pytest.raises(ValueError, match="2 to N - 1 clusters"):
+        cluster_scores(embeddings, np.zeros(60))

@@ -129,9 +129,19 @@ def test_resume_from_a_checkpoint_equals_the_uninterrupted_run(sources, tmp_path
     assert losses(whole) == losses(part) and len(losses(part)) == 3
 
 
-def test_bf16_autocast_and_gradient_accumulation(sources, tmp_path):
-    config = TrainConfig(**{**TINY, "eval_every": 1}, epochs=1, mixed_precision="bf16", grad_accum=2,
-                         batch_size=8, clip_grad=0.5)
+@pytest.fixture
+def fresh_accelerate_state():
+    # accelerate keeps one process-wide state, fixed by the first Accelerator: a run with another precision in the
+    # same process needs it cleared (a real run is one process, so the trainer never does this itself).
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    yield
+    AcceleratorState._reset_state(reset_partial_state=True)
+
+
+def test_bf16_autocast_and_gradient_accumulation(sources, tmp_path, fresh_accelerate_state):
+    config = TrainConfig(**{**TINY, "eval_every": 1}, epochs=1, mixed_precision="bf16", grad_accum=2, clip_grad=0.5)
     lines: list[str] = []
     run = train(config, sources, tmp_path, echo=lines.append)
     # 56 training clips in micro-batches of 4: 14 forward steps, 7 optimiser steps.

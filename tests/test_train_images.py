@@ -1,0 +1,250 @@
+"""The still-image models through the real pipeline and trainer: GReFEL on a RAF-DB-layout set of demo faces (with
+the faces stage's landmarks), and PCA from that visible set to an "infrared" one (the same kind of faces, one channel,
+another tone curve) with two labels per class kept in the target's training split.
+
+The images are frames of the demo clips (pipeline/demo.py): each seed gives its own camera (position, scale, roll,
+lighting), so the sets hold distinct images whose only common cue per class is the expression. The infrared set keeps
+the face's polarity: Haar cascades find no face in inverted (thermal-like) gray levels, which would leave no aligned
+crop to train on, so its contrast change is a gamma curve instead.
+"""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+import image_dataset_fixtures as F
+from affectprep import schema as S
+from affectprep.config import DatasetConfig, ProjectConfig
+from affectprep.models.data import few_labels
+from affectprep.models.grefel import GReFEL
+from affectprep.models.metrics import cluster_scores
+from affectprep.models.pca import PCA
+from affectprep.models.runs import (RunFolder, TrainConfig, build_model, load_weights, make_dataset, make_loader,
+                                    samples_for)
+from affectprep.models.train import train
+from affectprep.pipeline.dag import run_pipeline
+from affectprep.train_sources import resolve_sources
+
+TRAIN_PER_CLASS, TEST_PER_CLASS = 10, 5
+INFRARED_GAMMA = 2.0         # darkens the mid-tones: a tone curve unlike the visible camera's
+TARGET_LABELS = 2
+CLASSES = 7
+GREFEL = dict(model_name="grefel", tiny=True, batch_size=8, epochs=25, lr=3e-3, warmup_epochs=1, num_workers=0,
+              eval_every=25)
+PCA_RUN = dict(model_name="pca", tiny=True, batch_size=8, epochs=12, lr=5e-3, warmup_epochs=1, num_workers=0,
+               eval_every=12, target_labels=TARGET_LABELS)
+
+
+def make_face_set(root: Path, *, infrared: bool) -> Path:
+    """make_rafdb's tree (its bad rows included) plus TRAIN/TEST_PER_CLASS original photos per class, each
+    rendered with its own seed; in an infrared set every readable image becomes a one-channel JPEG with a gamma
+    curve."""
+    F.make_rafdb(root)
+    lines, number = [], 100
+    for code, label in F._DEMO_LABEL.items():     # RAF-DB code -> demo expression
+        for part, count in (("train", TRAIN_PER_CLASS), ("test", TEST_PER_CLASS)):
+            for _ in range(count):
+                number += 1
+                name = f"{part}_{number:05d}.jpg"
+                F.write_face(root / "Image" / "original" / name, label, number + (50_000 if infrared else 0))
+                lines.append(f"{name} {code}")
+    with open(root / "EmoLabel" / "list_patition_label.txt", "a") as labels:
+        labels.write("\n".join(lines) + "\n")
+    if infrared:
+        for path in (root / "Image").rglob("*.jpg"):
+            gray = cv2.imread(str(path), cv2.IMREAD_GRAYSCALE)
+            if gray is not None:                   # make_rafdb's corrupt image stays corrupt
+                cv2.imwrite(str(path), (255 * (gray / 255.0) ** INFRARED_GAMMA).astype(np.uint8))
+    return root
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory) -> ProjectConfig:
+    tmp = tmp_path_factory.mktemp("images")
+    datasets = {name: DatasetConfig(name, "rafdb", make_face_set(tmp / name, infrared=name == "infrared"),
+                                    {"images": "original"})
+                for name in ("visible", "infrared")}
+    project = ProjectConfig(None, tmp / "cache", datasets, {"faces": {"backend": "haar"}})
+    report = run_pipeline(project, "faces", scheduler="inline", progress=False)
+    assert [s.stage for s in report.stages] == ["frames", "faces"] * 2
+    return project
+
+
+def usable_test_ids(sources) -> list[str]:
+    """Labelled test samples whose aligned face exists: what evaluation must predict, once each."""
+    faces = sources.store("faces").statuses()
+    return sorted(r["sample_id"] for r in sources.store("index").read(status=S.STATUS_OK).to_pylist()
+                  if r["split"] == "test" and r["label"] >= 0 and faces.get(r["sample_id"]) == S.STATUS_OK)
+
+
+def test_both_sets_reach_the_faces_store_with_gray_infrared_crops(project):
+    for name in ("visible", "infrared"):
+        sources = resolve_sources(project, name)
+        index = sources.store("index")
+        failed = sorted(index.read(["sample_id"], status="failed").column("sample_id").to_pylist())
+        assert failed == ["test_0003", "train_00003", "train_00004"]          # make_rafdb's bad rows
+        faces = sources.store("faces").read(["sample_id", "crops", "landmarks"], status=S.STATUS_OK).to_pylist()
+        labels = {r["sample_id"]: r["label"] for r in index.read(status=S.STATUS_OK).to_pylist()}
+        per_class = np.bincount([labels[r["sample_id"]] for r in faces], minlength=CLASSES)
+        # Haar misses a few demo faces; most of each class must come through.
+        assert per_class.min() >= TRAIN_PER_CLASS, (name, per_class)
+        crop = cv2.imdecode(np.frombuffer(faces[0]["crops"][0], np.uint8), cv2.IMREAD_COLOR).astype(int)
+        colour_spread = np.abs(crop - crop[..., :1]).max()
+        assert (colour_spread <= 12) == (name == "infrared"), (name, colour_spread)
+        assert all(len(r["landmarks"][0]) == 2 * S.NUM_LANDMARKS for r in faces)
+
+
+# ---- GReFEL ----------------------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def grefel_run(project, tmp_path_factory):
+    """The run folder, and the landmarks of every batch the trainer handed to GReFEL."""
+    seen: list[torch.Tensor] = []
+    original = GReFEL.batch_inputs
+
+    def recording(self, batch):
+        assert batch["frames"].shape[1:] == (1, 3, 64, 64)
+        seen.append(batch["landmarks"].clone())
+        return original(self, batch)
+
+    sources = {"expression": resolve_sources(project, "visible")}
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(GReFEL, "batch_inputs", recording)
+        run = train(TrainConfig(**GREFEL), sources, tmp_path_factory.mktemp("runs"), echo=lambda _: None)
+    return run, sources, seen
+
+
+def test_grefel_learns_the_expressions_and_war_is_the_accuracy(grefel_run):
+    run, sources, _ = grefel_run
+    expression = RunFolder(run).read_json("results.json")["expression"]
+    predictions = pq.read_table(run / "results-predictions.parquet").to_pylist()
+    test_ids = usable_test_ids(sources["expression"])
+    assert sorted(p["sample_id"] for p in predictions) == test_ids
+    assert expression["war"] == pytest.approx(np.mean([p["prediction"] == p["label"] for p in predictions]))
+    # Chance is 1/7 (0.14); the tiny model reaches 0.43 UAR and WAR on the 35 test faces here.
+    assert expression["uar"] > 0.3 and expression["war"] > 0.3, expression
+    metrics = RunFolder(run).read_json("metrics.json")
+    losses = [m["loss"] for m in metrics]
+    assert all(math.isfinite(v) for v in losses) and np.mean(losses[-3:]) < np.mean(losses[:3]) - 0.2
+    assert {"cls", "anchor", "center"} <= set(metrics[0])
+
+
+def test_the_faces_stage_landmarks_reach_grefel(grefel_run):
+    _, _, seen = grefel_run
+    # Training batches (8 samples, remainder dropped) then the test batches of the one evaluation.
+    assert seen and all(points.shape[1:] == (1, S.NUM_LANDMARKS, 2) for points in seen)
+    points = torch.cat(seen)
+    assert torch.isfinite(points).all()
+    # The Haar mean shape sits inside the aligned crop; random crops and flips move it a little.
+    assert ((points > 0) & (points < 1)).float().mean() > 0.99
+    # Eyes (points 36-47) above the mouth (48-67) in every sample: the points keep their 68-point meaning.
+    assert (points[..., 36:48, 1].mean(-1) < points[..., 48:68, 1].mean(-1)).all()
+
+
+def embeddings_of(model, run: Path):
+    """GReFEL embeddings, labels and probabilities of the run's test samples, in sample order."""
+    folder = RunFolder(run)
+    config, sources = folder.config(), folder.sources()["expression"]
+    dataset = make_dataset(model, config, sources, samples_for(sources, config, "test", "expression"),
+                           train=False, view=None)
+    model.eval()
+    records = []
+    with torch.no_grad():
+        for batch in make_loader(dataset, config.batch_size, 0):
+            outputs = model(**model.batch_inputs(batch))
+            records += zip(batch["sample_ids"], outputs["embedding"], batch["labels"], outputs["probabilities"])
+    records.sort(key=lambda r: r[0])
+    ids, embeddings, labels, probabilities = zip(*records)
+    return list(ids), torch.stack(embeddings).numpy(), torch.stack(labels).numpy(), torch.stack(probabilities)
+
+
+def test_cluster_scores_of_the_test_embeddings(grefel_run):
+    run, _, _ = grefel_run
+    folder = RunFolder(run)
+    config, sources = folder.config(), folder.sources()
+    trained = load_weights(build_model(config, sources), folder.require_checkpoint())
+    ids, embeddings, labels, probabilities = embeddings_of(trained, run)
+    predictions = sorted(pq.read_table(run / "results-predictions.parquet").to_pylist(), key=lambda p: p["sample_id"])
+    # The same model and samples evaluation scored: these are the embeddings behind results.json.
+    assert ids == [p["sample_id"] for p in predictions]
+    torch.testing.assert_close(probabilities, torch.tensor([p["probabilities"] for p in predictions]),
+                               atol=1e-5, rtol=0)
+    torch.testing.assert_close(torch.from_numpy(embeddings), torch.tensor([p["embedding"] for p in predictions]),
+                               atol=1e-5, rtol=0)
+    scores = cluster_scores(embeddings, labels)
+    recorded = folder.read_json("results.json")["expression"]["clusters"]
+    assert recorded == pytest.approx(scores, rel=1e-4)
+    torch.manual_seed(config.seed)
+    untrained = cluster_scores(*embeddings_of(build_model(config, sources), run)[1:3])
+    assert all(math.isfinite(v) and v > 0 for v in scores.values()), scores
+    # Training pulls each class towards its anchors: tighter, better separated clusters than at initialisation
+    # (Calinski-Harabasz 13.3 against 1.6, Davies-Bouldin 1.95 against 3.45 here).
+    assert scores["calinski_harabasz"] > 3 * untrained["calinski_harabasz"], (scores, untrained)
+    assert scores["davies_bouldin"] < 0.8 * untrained["davies_bouldin"], (scores, untrained)
+
+
+# ---- PCA -------------------------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def pca_run(project, tmp_path_factory):
+    """The run folder, and per training step the target batch's sample ids, labels and domains."""
+    target_batches: list[tuple[list[str], list[int], list[int]]] = []
+    original = PCA.loss
+
+    def recording(self, outputs, batches, class_weights=None):
+        if "target" in batches:
+            batch = batches["target"]
+            target_batches.append((batch["sample_ids"], batch["labels"].tolist(), batch["domain"].tolist()))
+        return original(self, outputs, batches, class_weights)
+
+    sources = {"expression": resolve_sources(project, "visible"), "target": resolve_sources(project, "infrared")}
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(PCA, "loss", recording)
+        run = train(TrainConfig(**PCA_RUN), sources, tmp_path_factory.mktemp("runs"), echo=lambda _: None)
+    return run, sources, target_batches
+
+
+def test_pca_scores_both_domains_and_predicts_each_test_sample_once(pca_run):
+    run, sources, _ = pca_run
+    results = RunFolder(run).read_json("results.json")
+    predictions = pq.read_table(run / "results-predictions.parquet").to_pylist()
+    for task in ("expression", "target"):
+        assert {"uar", "war", "confusion"} <= set(results[task]), task
+        mine = [p for p in predictions if p["task"] == task]
+        assert sorted(p["sample_id"] for p in mine) == usable_test_ids(sources[task]), task
+        assert results[task]["war"] == pytest.approx(np.mean([p["prediction"] == p["label"] for p in mine]))
+    assert results["num_samples"] == len(predictions)
+    assert (run / "results-target-confusion.png").read_bytes()[:4] == b"\x89PNG"
+    losses = [m["loss"] for m in RunFolder(run).read_json("metrics.json")]
+    assert all(math.isfinite(v) for v in losses) and losses[-1] < losses[0]
+
+
+def test_pca_trains_on_two_target_labels_per_class(pca_run):
+    run, sources, target_batches = pca_run
+    assert target_batches and all(set(domains) == {1} for _, _, domains in target_batches)
+    labelled: dict[str, int] = {}
+    unlabelled: set[str] = set()
+    for ids, labels, _ in target_batches:
+        for sample_id, label in zip(ids, labels):
+            if label >= 0:
+                labelled[sample_id] = label
+            else:
+                unlabelled.add(sample_id)
+    config = RunFolder(run).config()
+    train_samples = samples_for(sources["target"], config, "train", "target")
+    usable = {sid for sid, status in sources["target"].store("faces").statuses().items() if status == S.STATUS_OK}
+    kept = {s["sample_id"]: s["label"] for s in few_labels([s for s in train_samples if s["sample_id"] in usable],
+                                                            TARGET_LABELS, config.seed) if s["label"] >= 0}
+    # Exactly the labels few_labels kept, drawn among the samples with a face: two true labels per class.
+    assert labelled == kept
+    assert list(np.bincount(list(labelled.values()))) == [TARGET_LABELS] * CLASSES
+    # The rest of the target's training split still arrives, unlabelled, for the target bank.
+    true_labels = {s["sample_id"]: s["label"] for s in train_samples}
+    assert unlabelled and not unlabelled & set(labelled) and unlabelled <= set(true_labels)
+    assert len(unlabelled) > len(labelled)
