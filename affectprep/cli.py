@@ -211,7 +211,9 @@ def train(model: Annotated[Optional[str], typer.Argument(help="A registered mode
           au_dataset: Annotated[Optional[str], typer.Option(help="AU dataset, for models that learn AUs too.")] = None,
           target_dataset: Annotated[Optional[str], typer.Option(
               help="Second-domain dataset with few labels (infrared faces for PCA).")] = None,
-          fold: Annotated[Optional[int], typer.Option(help="Test on this official fold (default: fixed split).")] = None,
+          fold: Annotated[Optional[str], typer.Option(
+              help="Test on this official fold, or 'all': one run per fold and their mean (default: fixed "
+                   "split).")] = None,
           text_version: Annotated[Optional[str], typer.Option(
               help="Train on this text version (see `affectprep text list`); default: the current CATE texts.")] = None,
           source: Annotated[Optional[str], typer.Option("--from", help="frames (end to end) or features (cached "
@@ -226,8 +228,9 @@ def train(model: Annotated[Optional[str], typer.Argument(help="A registered mode
     """Train a model on the cached stores. Under `accelerate launch -m affectprep train ...` on several GPUs."""
     from accelerate import PartialState
 
-    from affectprep.models.runs import RunFolder, TrainConfig
+    from affectprep.models.runs import RunFolder, TrainConfig, folds_of
     from affectprep.models.train import train as train_run
+    from affectprep.models.train import train_folds
 
     if resume is not None:
         folder = RunFolder(resume)
@@ -236,7 +239,7 @@ def train(model: Annotated[Optional[str], typer.Argument(help="A registered mode
         if model is None:
             raise ConfigError("name a model to train (or --resume RUN)")
         project = load_project(config)
-        raw = {k: v for k, v in project.train.items()}
+        raw = dict(project.train)
         raw["model"] = dict(raw.get("model", {}))
         for item in set_ or []:
             key, value = _split_setting(item)
@@ -244,13 +247,31 @@ def train(model: Annotated[Optional[str], typer.Argument(help="A registered mode
                 raw["model"][key[len("model."):]] = value
             else:
                 raw[key] = value
-        raw.update(model_name=model, **{k: v for k, v in (("fold", fold), ("source", source)) if v is not None})
+        every_fold = fold == "all"
+        if fold is not None and not every_fold:
+            raw["fold"] = _fold_number(fold)
+        raw.update(model_name=model, **({"source": source} if source is not None else {}))
         raw["tiny"] = tiny or raw.get("tiny", False)
         train_config = TrainConfig.from_dict(raw)
         sources = _training_sources(project, train_config, dataset, au_dataset, target_dataset, text_version)
+        if every_fold:
+            folds = folds_of(next(iter(sources.values())))
+            if not folds:
+                raise ConfigError("--fold all: this dataset has no official folds (it has a fixed split)")
+            summary = train_folds(train_config, sources, folds, runs, echo=typer.echo)
+            if PartialState().is_main_process:
+                typer.echo(f"summary: {summary}")
+            return
     path = train_run(train_config, sources, runs, resume=resume, stop_after_epoch=stop_after_epoch, echo=typer.echo)
     if PartialState().is_main_process:
         typer.echo(f"run folder: {path}")
+
+
+def _fold_number(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise ConfigError(f"--fold takes a fold number or 'all', got '{text}'") from None
 
 
 def _split_setting(item: str) -> tuple[str, object]:

@@ -169,6 +169,12 @@ def _last_dim(store: Store, column: str) -> int:
 
 # ---- the data ----------------------------------------------------------------------------------------------------
 
+def folds_of(sources: Sources) -> list[int]:
+    """The official folds of a dataset's index (IEMOCAP: its sessions); empty for a fixed-split dataset."""
+    folds = sources.store("index").read(["fold"], status=S.STATUS_OK).column("fold").to_pylist()
+    return sorted({f for f in folds if f})
+
+
 def samples_for(sources: Sources, config: TrainConfig, part: str, task: str) -> list[dict]:
     try:
         return select_samples(sources.store("index"), Split(config.fold), part, task)

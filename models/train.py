@@ -21,9 +21,11 @@ uninterrupted run would be: same batches, same random draws, same weights.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import inspect
 import math
 import shutil
+import statistics
 import time
 from datetime import datetime
 from itertools import count
@@ -31,7 +33,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
-from accelerate import Accelerator
+from accelerate import Accelerator, PartialState
 from accelerate.utils import DistributedDataParallelKwargs, broadcast_object_list, set_seed
 from torch import nn
 
@@ -56,13 +58,13 @@ def train(config: TrainConfig, sources: dict[str, Sources], runs_dir: Path = Pat
     set_seed(config.seed)
     model = build_model(config, sources)
     tasks = [task for task in model.tasks if task in sources]
+    if not tasks:
+        raise ConfigError(f"model '{config.model_name}' learns {', '.join(model.tasks)}; no dataset was given for it")
     # A task's forward may leave another task's head unused; DDP must then not wait for its gradients.
     ddp = DistributedDataParallelKwargs(find_unused_parameters=len(tasks) > 1)
     accelerator = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=config.mixed_precision,
                               kwargs_handlers=[ddp])
     say = (lambda text: echo(text)) if accelerator.is_main_process else (lambda text: None)
-    if not tasks:
-        raise ConfigError(f"model '{config.model_name}' learns {', '.join(model.tasks)}; no dataset was given for it")
 
     # ---- data: each process streams its own shard of every task's train split -------------------------------
     world, rank = accelerator.num_processes, accelerator.process_index
@@ -177,6 +179,38 @@ def train(config: TrainConfig, sources: dict[str, Sources], runs_dir: Path = Pat
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return run.path
+
+
+def train_folds(config: TrainConfig, sources: dict[str, Sources], folds: list[int], runs_dir: Path = Path("runs"),
+                *, echo: Callable[[str], None] = print) -> Path:
+    """The official protocol of a fold-based dataset (DFEW's 5 folds, IEMOCAP's leave-one-session-out): one run per
+    fold, then `<model>-<dataset>-folds-<time>.json` beside them with every fold's scores and their mean and
+    standard deviation. Returns that file."""
+    runs, scores = {}, {}
+    for fold in folds:
+        echo(f"---- fold {fold} ({folds.index(fold) + 1} of {len(folds)})")
+        path = train(dataclasses.replace(config, fold=fold), sources, runs_dir, echo=echo)
+        runs[fold], scores[fold] = str(path), RunFolder(path).read_json("results.json")
+    summary: dict[str, Any] = {"model": config.model_name, "folds": folds, "runs": runs, "results": scores}
+    for task in ("expression", "target"):
+        if all(task in s for s in scores.values()):
+            summary[task] = {metric: _mean_std([s[task][metric] for s in scores.values()]) for metric in ("uar", "war")}
+    if all("au" in s for s in scores.values()):
+        summary["au"] = {"mean_f1": _mean_std([s["au"]["mean_f1"] or 0.0 for s in scores.values()])}
+    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+    out = Path(runs_dir) / f"{config.model_name}-{next(iter(sources.values())).dataset}-folds-{stamp}.json"
+    if PartialState().is_main_process:
+        RunFolder(out.parent).write_json(out.name, summary)
+    for task in ("expression", "target"):
+        if task in summary:
+            s = summary[task]
+            echo(f"{task} over {len(folds)} folds: UAR {100 * s['uar']['mean']:.2f} ± {100 * s['uar']['std']:.2f}  "
+                 f"WAR {100 * s['war']['mean']:.2f} ± {100 * s['war']['std']:.2f}")
+    return out
+
+
+def _mean_std(values: list[float]) -> dict[str, float]:
+    return {"mean": statistics.fmean(values), "std": statistics.pstdev(values)}
 
 
 def _open_run(accelerator: Accelerator, config: TrainConfig, sources: dict[str, Sources], runs_dir: Path,

@@ -3,6 +3,7 @@ saved and loaded through the real path, cached tokens equal to what the encoders
 trained from them (`--from features`)."""
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -15,7 +16,7 @@ from affectprep.config import ConfigError, DatasetConfig, ProjectConfig
 from affectprep.models.mgcma import TINY_SPEECH, TINY_TEXT
 from affectprep.models.runs import RunFolder, TrainConfig
 from affectprep.models.text import tiny_tokenizer
-from affectprep.models.train import train
+from affectprep.models.train import train, train_folds
 from affectprep.pipeline.dag import run_pipeline
 from affectprep.train_sources import resolve_sources
 
@@ -65,6 +66,20 @@ def test_mgcma_trains_from_the_cached_tokens(project, tmp_path):
     test_ids = [r["sample_id"] for r in sources["expression"].store("index").read().to_pylist() if r["fold"] == 1]
     assert results["num_samples"] == len(test_ids) > 0
     assert {"uar", "war"} <= set(results["expression"])
+
+
+def test_leave_one_session_out_runs_every_session_and_averages(project, tmp_path):
+    sources = {"expression": resolve_sources(project, "iemocap", features=True)}
+    config = TrainConfig(model_name="mgcma", tiny=True, source="features", epochs=1, batch_size=2, num_workers=0,
+                         warmup_epochs=0)
+    summary_path = train_folds(config, sources, [1, 2], tmp_path, echo=lambda _: None)
+    summary = json.loads(summary_path.read_text())
+    assert summary["folds"] == [1, 2] and sorted(summary["runs"]) == ["1", "2"]
+    per_fold = [summary["results"][k]["expression"]["war"] for k in ("1", "2")]
+    assert summary["expression"]["war"]["mean"] == pytest.approx(sum(per_fold) / 2)
+    assert summary["expression"]["war"]["std"] == pytest.approx(abs(per_fold[0] - per_fold[1]) / 2)
+    for fold in ("1", "2"):
+        assert RunFolder(Path(summary["runs"][fold])).config().fold == int(fold)
 
 
 def test_audio_features_is_opt_in(tmp_path):
