@@ -233,6 +233,12 @@ def train(model: Annotated[Optional[str], typer.Argument(help="A registered mode
     from affectprep.models.train import train_folds
 
     if resume is not None:
+        given = [flag for flag, value in (("MODEL", model), ("--set", set_), ("--dataset", dataset),
+                                          ("--au-dataset", au_dataset), ("--target-dataset", target_dataset),
+                                          ("--fold", fold), ("--text-version", text_version), ("--from", source))
+                 if value]
+        if given:
+            raise ConfigError(f"--resume continues a run as it was configured; drop {', '.join(given)}")
         folder = RunFolder(resume)
         train_config, sources = folder.config(), folder.sources()
     else:
@@ -255,6 +261,8 @@ def train(model: Annotated[Optional[str], typer.Argument(help="A registered mode
         train_config = TrainConfig.from_dict(raw)
         sources = _training_sources(project, train_config, dataset, au_dataset, target_dataset, text_version)
         if every_fold:
+            if stop_after_epoch is not None:
+                raise ConfigError("--stop-after-epoch stops one run; with --fold all, stop and resume each fold's run")
             folds = folds_of(next(iter(sources.values())))
             if not folds:
                 raise ConfigError("--fold all: this dataset has no official folds (it has a fixed split)")
@@ -329,7 +337,7 @@ def eval_(run_dir: RunArg,
     if "au" in results:
         for name, f1 in results["au"]["f1"].items():
             typer.echo(f"  {name:8} F1 {'-' if f1 is None else f'{100 * f1:.1f}'}")
-    typer.echo(f"written: {run_dir}/eval-views{views or 'all'}.json")
+    typer.echo(f"written: {run_dir}/eval-views{results['views']}.json")
 
 
 @app.command()
@@ -359,6 +367,8 @@ def _run_and_exit(project: ProjectConfig, stage: str | None, datasets: list[str]
         typer.echo(f"{name:12} {'index':8} {counts['ok'] + counts['failed']:>7} {'':>7} {counts['ok']:>7} "
                    f"{counts['failed']:>7}")
     for s in report.stages:
+        if s.total == 0:   # a stage with nothing to do for this dataset (audio for videos, vision for speech)
+            continue
         typer.echo(f"{s.dataset:12} {s.stage:8} {s.total:>7} {s.done_before:>7} {s.ok:>7} {s.failed_total:>7} "
                    f"{s.blocked:>7}")
     if report.failed:

@@ -36,7 +36,8 @@ def predict(model: nn.Module, loader, accelerator: Accelerator, domain: int | No
     with torch.no_grad(), accelerator.autocast():
         for batch in loader:
             batch = with_domain(batch, domain)
-            outputs = model(**core.batch_inputs(batch))
+            # The bare module: ranks may run different numbers of test batches, and DDP's forward may sync buffers.
+            outputs = core(**core.batch_inputs(batch))
             probabilities = outputs["logits"].float().softmax(-1).cpu() if "logits" in outputs else None
             au_scores = outputs["au_logits"].float().sigmoid().cpu() if "au_logits" in outputs else None
             embeddings = outputs["embedding"].float().cpu() if "embedding" in outputs else None
@@ -74,9 +75,14 @@ def per_sample(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
-def score(samples: dict[str, list[dict[str, Any]]], sources: dict[str, Sources]) -> dict[str, Any]:
-    """Scores per task: expression reports for "expression" and "target", AU F1 for "au"."""
+def score(samples: dict[str, list[dict[str, Any]]], sources: dict[str, Sources],
+          missing: dict[str, dict[str, str]]) -> dict[str, Any]:
+    """Scores per task: expression reports for "expression" and "target", AU F1 for "au". Test samples that could
+    not be scored (no face, no text) are counted under "missing", so a reported score says what it covers."""
     results: dict[str, Any] = {"num_samples": sum(map(len, samples.values()))}
+    absent = {task: reasons for task, reasons in missing.items() if reasons}
+    if absent:
+        results["missing"] = absent
     for task, task_samples in samples.items():
         if task == "au":
             with_aus = [s for s in task_samples if "au_scores" in s]
@@ -116,7 +122,8 @@ def write_results(run: RunFolder, samples: dict[str, list[dict[str, Any]]], resu
 
 
 def summary_line(results: dict[str, Any]) -> str:
-    parts = [f"{results['num_samples']} samples"]
+    skipped = sum(map(len, results.get("missing", {}).values()))
+    parts = [f"{results['num_samples']} samples" + (f" ({skipped} unscorable, see results.json)" if skipped else "")]
     for task in ("expression", "target"):
         if task in results:
             e = results[task]
@@ -128,18 +135,20 @@ def summary_line(results: dict[str, Any]) -> str:
 
 
 def evaluate(model: nn.Module, config: TrainConfig, sources: dict[str, Sources], accelerator: Accelerator,
-             views: int | None) -> dict[str, list[dict[str, Any]]]:
+             views: int | None) -> tuple[dict[str, list[dict[str, Any]]], dict[str, dict[str, str]]]:
     """Predict the test part of every task with up to `views` views per sample: per task, per-sample records
-    (every process gets them)."""
+    (every process gets them), and the test samples that could not be scored, with why."""
     core = accelerator.unwrap_model(model)
-    out = {}
+    out, missing = {}, {}
+    per_process = max(1, config.batch_size // (accelerator.num_processes * config.grad_accum))
     for task, task_sources in sources.items():
         samples = samples_for(task_sources, config, "test", task)
         dataset = make_dataset(core, config, task_sources, samples, train=False, rank=accelerator.process_index,
                                world_size=accelerator.num_processes, view=None, max_views=views)
-        loader = make_loader(dataset, config.batch_size, config.num_workers)
+        loader = make_loader(dataset, per_process, config.num_workers)
         out[task] = per_sample(predict(model, loader, accelerator, domain=DOMAINS.get(task)))
-    return out
+        missing[task] = dict(sorted(dataset.missing_reasons.items()))
+    return out, missing
 
 
 def evaluate_run(run_path: Path, views: int | None = None) -> dict[str, Any]:
@@ -149,9 +158,10 @@ def evaluate_run(run_path: Path, views: int | None = None) -> dict[str, Any]:
     accelerator = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=config.mixed_precision)
     model = load_weights(build_model(config, sources), run.require_checkpoint())
     model = accelerator.prepare(model)
-    samples = evaluate(model, config, sources, accelerator, views if views is not None else config.eval_views)
-    results = score(samples, sources)
-    results["views"] = views if views is not None else "all"
+    views = views if views is not None else config.eval_views
+    samples, missing = evaluate(model, config, sources, accelerator, views)
+    results = score(samples, sources, missing)
+    results["views"] = views or "all"
     if accelerator.is_main_process:
         write_results(run, samples, results, sources, f"eval-views{views or 'all'}")
     return results

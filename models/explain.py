@@ -38,4 +38,7 @@ def explain_sample(run_path: Path, sample_id: str, out_dir: Path) -> list[Path]:
     out_dir.mkdir(parents=True, exist_ok=True)
     offered = {"batch": batch, "outputs": outputs, "out_dir": out_dir, "label_names": task_sources.label_names}
     wanted = inspect.signature(model.explain).parameters
-    return model.explain(**{k: v for k, v in offered.items() if k in wanted})
+    try:
+        return model.explain(**{k: v for k, v in offered.items() if k in wanted})
+    except ValueError as e:   # this run has nothing of that kind to draw (e.g. GRACE trained on cached text)
+        raise ConfigError(f"cannot explain {sample_id}: {e}") from None

@@ -1,8 +1,7 @@
 """Model registry, timm-style: builders register under a name, `create_model(name)` builds one.
 
 Every builder accepts `tiny` (small random configs for tests and CPU smoke runs) plus its own keyword arguments;
-the trainer passes `num_classes` (and, to models that declare them in `ModelInputs`, the AU names and the FACS
-asset). Every registered model follows one convention, so the trainer, eval and the tests drive any of them:
+the trainer passes `num_classes`, and `class_names` / `facs` (the FACS asset rows) to builders that take them. Every registered model follows one convention, so the trainer, eval and the tests drive any of them:
 
 - `tasks`: what it learns, a tuple of "expression", "au" and "target" (the expressions of a second domain with few
   labels, e.g. infrared faces next to visible ones; its batches carry "domain" = 1).
@@ -39,7 +38,6 @@ class ModelInputs:
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
     text: str | None = None          # per-sample text: "caption" (a CATE / caption text version) | "transcript"
-    facs: bool = False               # the dataset's FACS asset (AU texts, expression texts, prior) goes to the builder
     landmarks: bool = False          # batches carry the faces stage's landmarks
     audio: bool = False              # batches carry 16 kHz waveforms
 

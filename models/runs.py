@@ -6,8 +6,9 @@ reads, how its model and data loaders are built, and its folder.
         stores.json        every store read: dataset, stage and key per role, per task
         git.json           the commit (and whether the tree had uncommitted changes) of the code that trained
         metrics.json       one entry per epoch: losses, learning rate, throughput, test UAR/WAR (or AU F1)
-        predictions.parquet  test predictions of the last evaluation: sample, label, prediction, probabilities
-        results.json, confusion.png, confusion.txt   the last evaluation's scores
+        results.json       the last evaluation's scores (and the test samples it could not score)
+        results-predictions.parquet   its test predictions: task, sample, label, prediction, probabilities
+        results-confusion.png, results-confusion.txt   its confusion matrix (results-<task>-confusion.* per task)
         checkpoints/epoch-NNN/   accelerate state (model, optimizer, scheduler, RNG) + trainer_state.json
 
 The stores are recorded by key, so `eval`, `explain` and `--resume` read exactly the data the run trained on,
@@ -35,7 +36,7 @@ from affectprep.store import Store
 
 from .data import (ClipAugment, Split, StoreAudio, StoreAudioFeatures, StoreClips, StoreFeatures, StoreSamples,
                    collate, select_samples)
-from .registry import model_builder
+from .registry import ModelInputs, model_builder
 
 ROLES = ("index", "faces", "texts", "features", "text_features", "facs", "audio")
 
@@ -68,6 +69,20 @@ class TrainConfig:
     scale: tuple[float, float] = (0.8, 1.0)   # augmentation: area range of the random square crop
     flip: float = 0.5
     erase: float = 0.25
+
+    def __post_init__(self) -> None:
+        at_least = {"epochs": 1, "batch_size": 1, "grad_accum": 1, "eval_every": 1, "num_workers": 0,
+                    "shuffle_buffer": 0, "target_labels": 1, "eval_views": 1}
+        for name, low in at_least.items():
+            value = getattr(self, name)
+            if value is not None and value < low:
+                raise ConfigError(f"train.{name} must be at least {low}, got {value}")
+        if self.lr <= 0 or self.warmup_epochs < 0 or self.weight_decay < 0:
+            raise ConfigError(f"train: lr must be positive and warmup_epochs, weight_decay not negative, got "
+                              f"lr={self.lr}, warmup_epochs={self.warmup_epochs}, weight_decay={self.weight_decay}")
+        if not (0 < self.scale[0] <= self.scale[1] <= 1 and 0 <= self.flip <= 1 and 0 <= self.erase <= 1):
+            raise ConfigError(f"train: scale must be an area range inside (0, 1] and flip, erase probabilities, got "
+                              f"scale={self.scale}, flip={self.flip}, erase={self.erase}")
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any]) -> "TrainConfig":
@@ -137,6 +152,8 @@ def build_model(config: TrainConfig, sources: dict[str, Sources]) -> nn.Module:
         main = next(iter(sources.values()))
         if "video_features" in accepts:       # video models: cached VideoMAE tokens (and text tokens)
             options.update(video_features=True, text_features="text_features" in main.stores)
+            # The token grid and width are those of the encoder that made the cache.
+            options.setdefault("pretrained", _encoder_of(main.store("features"), "video_encoder"))
             if "text_features" in main.stores:
                 options.setdefault("text_dim", _last_dim(main.store("text_features"), "text_shape"))
         elif "features" in accepts:           # speech models: cached speech and transcript tokens
@@ -157,6 +174,13 @@ def _merged_facs(sources: dict[str, Sources]) -> dict[str, dict[str, Any]]:
         if task_sources.facs_ids:
             merged.update(task_sources.facs())
     return merged
+
+
+def _encoder_of(features: Store, name: str) -> str:
+    for table in features.iter_tables(["encoders"], status=S.STATUS_OK):
+        if table.num_rows and (encoder := json.loads(table.column("encoders")[0].as_py()).get(name)):
+            return encoder
+    raise ConfigError(f"{features} holds no {name} output: set stages.features.{name} and run the features stage")
 
 
 def _last_dim(store: Store, column: str) -> int:
@@ -195,9 +219,17 @@ def make_dataset(model: nn.Module, config: TrainConfig, sources: Sources, sample
                  max_views: int | None = None) -> StoreSamples:
     """The streaming dataset a model needs (see ModelInputs): aligned clips or images (with landmarks, texts) from
     the faces store, or cached features. view=None with max_views: the first max_views views of each sample."""
-    inputs = model.inputs
-    common = dict(view=view, max_views=max_views, shuffle_buffer=config.shuffle_buffer if train else 0, seed=config.seed, rank=rank,
-                  world_size=world_size, drop_remainder=train)
+    try:
+        return _dataset(model.inputs, config, sources, samples, train=train, rank=rank, world_size=world_size,
+                        view=view, max_views=max_views)
+    except ValueError as e:   # the stores do not hold what this model needs
+        raise ConfigError(f"dataset '{sources.dataset}': {e}") from None
+
+
+def _dataset(inputs: ModelInputs, config: TrainConfig, sources: Sources, samples: list[dict], *, train: bool,
+             rank: int, world_size: int, view: int | None, max_views: int | None) -> StoreSamples:
+    common = dict(view=view, max_views=max_views, shuffle_buffer=config.shuffle_buffer if train else 0,
+                  seed=config.seed, rank=rank, world_size=world_size, drop_remainder=train)
     cached_text = config.source == "features" and "text_features" in sources.stores
     texts = texts_for(sources, samples) if inputs.text == "caption" and not cached_text else None
     if config.source == "features" and inputs.audio:

@@ -228,8 +228,7 @@ class SSM(nn.Module):
         self.num_classes, self.num_aus, self.num_frames = num_classes, num_aus, num_frames
         self.tsp, self.tau, self.lam, self.backbone_lr_scale = tsp, tau, lam, backbone_lr_scale
         config = vision.config
-        self.inputs = ModelInputs(frames=num_frames, image_size=config.image_size, mean=CLIP_MEAN, std=CLIP_STD,
-                                  facs=True)
+        self.inputs = ModelInputs(frames=num_frames, image_size=config.image_size, mean=CLIP_MEAN, std=CLIP_STD)
 
         self.vision = vision
         add_moe(vision, moe_layers, num_experts=num_experts, top_k=top_k, expert_hidden=expert_hidden, gamma=gamma)

@@ -1,7 +1,8 @@
 """The training recipe: one explicit accelerate loop that trains any registered model from the cached stores.
 
     affectprep train grace --dataset dfew --fold 1                      # one CPU or GPU
-    accelerate launch -m affectprep train grace --dataset dfew --fold 1 # several GPUs (or --cpu --num_processes 2)
+    accelerate launch --multi_gpu -m affectprep train grace ...          # several processes (GPUs; on a machine
+                                                                         # without GPUs, CPU processes with gloo)
 
 Per step, each task the model learns draws one batch (a two-task model such as SSM gets an expression batch and
 an AU batch, from two datasets); each task's batch is forwarded and back-propagated in turn, under `no_sync`
@@ -34,7 +35,7 @@ from typing import Any, Callable
 
 import torch
 from accelerate import Accelerator, PartialState
-from accelerate.utils import DistributedDataParallelKwargs, broadcast_object_list, set_seed
+from accelerate.utils import DistributedDataParallelKwargs, broadcast_object_list, gather_object, set_seed
 from torch import nn
 
 from affectprep.config import ConfigError
@@ -58,8 +59,10 @@ def train(config: TrainConfig, sources: dict[str, Sources], runs_dir: Path = Pat
     set_seed(config.seed)
     model = build_model(config, sources)
     tasks = [task for task in model.tasks if task in sources]
-    if not tasks:
-        raise ConfigError(f"model '{config.model_name}' learns {', '.join(model.tasks)}; no dataset was given for it")
+    unused = [task for task in sources if task not in model.tasks]
+    if unused or not tasks:
+        raise ConfigError(f"model '{config.model_name}' learns {', '.join(model.tasks)}; datasets were given for "
+                          f"{', '.join(sources)}")
     # A task's forward may leave another task's head unused; DDP must then not wait for its gradients.
     ddp = DistributedDataParallelKwargs(find_unused_parameters=len(tasks) > 1)
     accelerator = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=config.mixed_precision,
@@ -75,8 +78,9 @@ def train(config: TrainConfig, sources: dict[str, Sources], runs_dir: Path = Pat
     train_sets, class_weights = {}, None
     for task in tasks:
         samples = samples_for(sources[task], config, "train", task)
-        if not samples:
-            raise ConfigError(f"dataset '{sources[task].dataset}' has no {task} training samples")
+        if not samples or not samples_for(sources[task], config, "test", task):
+            raise ConfigError(f"dataset '{sources[task].dataset}' has no {task} "
+                              f"{'training' if not samples else 'test'} samples for this split")
         train_sets[task] = make_dataset(model, config, sources[task], samples, train=True, rank=rank,
                                         world_size=world)
         if task == "target" and config.target_labels is not None:
@@ -100,7 +104,7 @@ def train(config: TrainConfig, sources: dict[str, Sources], runs_dir: Path = Pat
     # ---- optimisation -----------------------------------------------------------------------------------------
     optimizer = _optimizer(model, config)
     total = updates_per_epoch * config.epochs
-    warmup = round(updates_per_epoch * config.warmup_epochs)
+    warmup = min(round(updates_per_epoch * config.warmup_epochs), total)   # a warm-up longer than the run ends it
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: _lr_factor(step, warmup, total))
     model, optimizer = accelerator.prepare(model, optimizer)
     # Not prepared: an AcceleratedScheduler would step once per process; registered so it is checkpointed.
@@ -126,7 +130,7 @@ def train(config: TrainConfig, sources: dict[str, Sources], runs_dir: Path = Pat
     for epoch in range(start, config.epochs):
         streams = {task: _cycle(loader, train_sets[task], epoch) for task, loader in loaders.items()}
         model.train()
-        began, seen, sums = time.perf_counter(), 0, {}
+        began, seen, sums, counts = time.perf_counter(), 0, {}, {}
         for step in range(steps_per_epoch):
             window_start = step - step % config.grad_accum
             window = min(config.grad_accum, steps_per_epoch - window_start)
@@ -153,22 +157,22 @@ def train(config: TrainConfig, sources: dict[str, Sources], runs_dir: Path = Pat
                 scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
             for k, v in parts.items():
-                sums[k] = sums.get(k, 0.0) + v.float()
+                sums[k] = sums.get(k, 0.0) + float(v)
+                counts[k] = counts.get(k, 0) + 1
         elapsed = time.perf_counter() - began
         entry = {"epoch": epoch, "lr": scheduler.get_last_lr()[-1], "seconds": round(elapsed, 3),
-                 "samples_per_s": float(f"{seen * world / elapsed:.4g}"),
-                 **{k: accelerator.reduce(v / steps_per_epoch, "mean").item() for k, v in sorted(sums.items())}}
+                 "samples_per_s": float(f"{seen * world / elapsed:.4g}"), **_mean_parts(accelerator, sums, counts)}
 
         if (epoch + 1) % config.eval_every == 0 or epoch + 1 == config.epochs:
             # Evaluating draws DataLoader seeds from the global generator: fork it, so how often a run evaluates
             # does not change its training.
             with torch.random.fork_rng(devices=[]):
-                samples = evaluate(model, config, sources, accelerator, config.eval_views)
-            results = score(samples, sources)
-            entry["test"] = {k: results[k] for k in tasks if k in results}
+                samples, missing = evaluate(model, config, sources, accelerator, config.eval_views)
             if accelerator.is_main_process:
+                results = score(samples, sources, missing)
                 write_results(run, samples, results, sources)
-            entry["summary"] = summary_line(results)
+                entry["test"] = {k: results[k] for k in tasks if k in results}
+                entry["summary"] = summary_line(results)
         history.append(entry)
         say(f"epoch {epoch + 1}/{config.epochs}  loss {entry['loss']:.4f}  lr {entry['lr']:.2e}  "
             f"{entry['samples_per_s']:.1f} samples/s" + (f"  test {entry['summary']}" if "summary" in entry else ""))
@@ -177,7 +181,6 @@ def train(config: TrainConfig, sources: dict[str, Sources], runs_dir: Path = Pat
             say(f"stopped after epoch {epoch + 1}; continue with --resume {run.path}")
             break
     accelerator.wait_for_everyone()
-    accelerator.end_training()
     return run.path
 
 
@@ -186,6 +189,8 @@ def train_folds(config: TrainConfig, sources: dict[str, Sources], folds: list[in
     """The official protocol of a fold-based dataset (DFEW's 5 folds, IEMOCAP's leave-one-session-out): one run per
     fold, then `<model>-<dataset>-folds-<time>.json` beside them with every fold's scores and their mean and
     standard deviation. Returns that file."""
+    main = PartialState().is_main_process
+    echo = echo if main else (lambda text: None)
     runs, scores = {}, {}
     for fold in folds:
         echo(f"---- fold {fold} ({folds.index(fold) + 1} of {len(folds)})")
@@ -199,7 +204,7 @@ def train_folds(config: TrainConfig, sources: dict[str, Sources], folds: list[in
         summary["au"] = {"mean_f1": _mean_std([s["au"]["mean_f1"] or 0.0 for s in scores.values()])}
     stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
     out = Path(runs_dir) / f"{config.model_name}-{next(iter(sources.values())).dataset}-folds-{stamp}.json"
-    if PartialState().is_main_process:
+    if main:
         RunFolder(out.parent).write_json(out.name, summary)
     for task in ("expression", "target"):
         if task in summary:
@@ -207,6 +212,16 @@ def train_folds(config: TrainConfig, sources: dict[str, Sources], folds: list[in
             echo(f"{task} over {len(folds)} folds: UAR {100 * s['uar']['mean']:.2f} ± {100 * s['uar']['std']:.2f}  "
                  f"WAR {100 * s['war']['mean']:.2f} ± {100 * s['war']['std']:.2f}")
     return out
+
+
+def _mean_parts(accelerator: Accelerator, sums: dict[str, float], counts: dict[str, int]) -> dict[str, float]:
+    """Each loss part's mean over the steps that returned it, over every process. Processes may have seen
+    different parts (a batch without AU labels has no AU term), so all reduce the union of the names in one order."""
+    names = sorted({name for names in gather_object([sorted(sums)]) for name in names})
+    totals = torch.tensor([[sums.get(n, 0.0), counts.get(n, 0)] for n in names], dtype=torch.float64,
+                          device=accelerator.device)
+    totals = accelerator.reduce(totals, "sum")
+    return {n: (s / c if c else float("nan")) for n, (s, c) in zip(names, totals.tolist())}
 
 
 def _mean_std(values: list[float]) -> dict[str, float]:

@@ -45,7 +45,7 @@ def pixels(batch: int = 3, seed: int = 1) -> torch.Tensor:
 def test_forward_backward_on_both_tasks_is_finite_and_trains_the_new_parts(facs):
     model = tiny_ssm(facs).train()
     assert model.tasks == ("expression", "au")
-    assert (model.inputs.frames, model.inputs.image_size, model.inputs.facs) == (4, 32, True)
+    assert (model.inputs.frames, model.inputs.image_size) == (4, 32)
     expression_batch, au_batch = model.example_inputs(3), model.example_inputs(2)
     outputs = {"expression": model(**expression_batch), "au": model(**au_batch)}
     assert outputs["expression"]["logits"].shape == (3, 7) and outputs["expression"]["au_logits"].shape == (3, 12)

@@ -141,14 +141,17 @@ def fresh_accelerate_state():
 
 
 def test_bf16_autocast_and_gradient_accumulation(sources, tmp_path, fresh_accelerate_state):
-    config = TrainConfig(**{**TINY, "eval_every": 1}, epochs=1, mixed_precision="bf16", grad_accum=2, clip_grad=0.5)
+    config = TrainConfig(**{**TINY, "eval_every": 1, "warmup_epochs": 0.5}, epochs=1, mixed_precision="bf16",
+                         grad_accum=2, clip_grad=0.5)
     lines: list[str] = []
     run = train(config, sources, tmp_path, echo=lines.append)
     # 56 training clips in micro-batches of 4: 14 forward steps, 7 optimiser steps.
     assert "14 steps per epoch" in lines[0]
+    scheduler = torch.load(RunFolder(run).latest_checkpoint() / "custom_checkpoint_0.pkl", weights_only=False)
+    assert scheduler["last_epoch"] == 7
     (metrics,) = RunFolder(run).read_json("metrics.json")
-    # 7 optimiser steps of a 14-step linear warm-up (2 epochs): lr = 2e-3 * (7 + 1) / 14.
-    assert metrics["lr"] == pytest.approx(2e-3 * 8 / 14)
+    # 4 warm-up steps, then the cosine reaches zero at the 7th and last optimiser step.
+    assert metrics["lr"] == pytest.approx(0.0, abs=1e-12)
     assert torch.isfinite(torch.tensor(metrics["loss"])) and metrics["test"]["expression"]["uar"] >= 0
 
 
@@ -194,7 +197,8 @@ def test_features_stages_cache_backbones_and_train_heads_only(project, tmp_path)
     views = sources["expression"].store("faces").read(["num_views"], ids=[row["sample_id"]]).column(0)[0].as_py()
     assert row["visual_shape"] == [views, 8, 4, 32]              # views, T' = 16/2, (32/16)^2 patches, width
     assert row["frame_features"] is None                         # no CLIP configured
-    config = TrainConfig(**{**TINY, "eval_every": 1}, source="features", epochs=2, model={"pretrained": str(video)})
+    # The token grid comes from the encoder that made the cache (its path is recorded in the features store).
+    config = TrainConfig(**{**TINY, "eval_every": 1}, source="features", epochs=2)
     run = train(config, sources, tmp_path / "runs", echo=lambda _: None)
     weights = load_file(RunFolder(run).latest_checkpoint() / "model.safetensors")
     assert not any(k.startswith(("video_encoder.", "text_encoder.")) for k in weights)   # heads only
@@ -222,3 +226,11 @@ def test_train_cli_errors_are_one_line(project, tmp_path):
     assert fold.returncode == 2 and "no fold 9" in fold.stderr
     missing = cli("eval", str(tmp_path / "nothing"))
     assert missing.returncode == 2 and "not a training run folder" in missing.stderr
+    zero = cli("train", "grace", "--tiny", "--config", str(project.path), "--set", "eval_every=0")
+    assert zero.returncode == 2 and "train.eval_every must be at least 1" in zero.stderr
+    resumed = cli("train", "grace", "--resume", str(tmp_path), "--set", "epochs=3")
+    assert resumed.returncode == 2 and "drop MODEL, --set" in resumed.stderr
+    au = cli("train", "grace", "--tiny", "--config", str(project.path), "--au-dataset", "demo")
+    assert au.returncode == 2 and "no AU labels" in au.stderr
+    target = cli("train", "grace", "--tiny", "--config", str(project.path), "--target-dataset", "demo")
+    assert target.returncode == 2 and "learns expression; datasets were given for expression, target" in target.stderr

@@ -1,5 +1,5 @@
-"""Frozen backbones for the `features` and `text_features` stages: VideoMAE patch tokens, CLIP frame
-embeddings, text encoder token embeddings. Each loads a local folder or a cached hub id with `from_pretrained`,
+"""Frozen backbones for the `features`, `text_features` and `audio_features` stages: VideoMAE patch tokens, CLIP
+frame embeddings, text encoder token embeddings, speech encoder frames. Each loads a local folder or a cached hub id with `from_pretrained`,
 runs in eval mode without gradients, and returns float16 arrays (what the store keeps).
 
 Frames are prepared as the trainer prepares them (models/data.py ClipAugment in eval mode): resized to the

@@ -4,7 +4,7 @@ the aligned clips; `text_features` runs a text encoder over the CATE texts of th
 stage, so a new text version re-embeds text and never touches the expensive vision features); `audio_features`
 runs a speech encoder (Wav2Vec2) on each utterance and a text encoder (BERT) on its transcript (MGCMA).
 
-Both are optional: with no backbone configured they are left out of a run (naming one with --stage is an error
+All three are optional: with no backbone configured they are left out of a run (naming one with --stage is an error
 that says what to set). Each checkpoint's identity (folder name + weights hash, or hub commit) is in the key.
 """
 from __future__ import annotations
@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from ..stage import Stage, failed_row
+from ..stage import SampleError, Stage, failed_row
 from .text_backends import decode_crops
 
 
@@ -188,19 +188,13 @@ class AudioFeaturesStage(Stage):
         self.text = TextTokens(c.text_encoder, c.device, c.max_length)
         self.encoders = json.dumps({"speech_encoder": c.speech_encoder, "text_encoder": c.text_encoder})
 
-    def process(self, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    def process_one(self, row: dict[str, Any]) -> dict[str, Any]:
+        """One utterance at a time (the speech encoder takes them singly anyway): a bad one fails alone."""
         from ..backends.feature_encoders import array_bytes
-        try:
-            waveforms = [np.frombuffer(row["waveform"], dtype="<i2").astype(np.float32) / 32768.0 for row in rows]
-            speech = self.speech.encode(waveforms)
-            text = self.text.encode([row["transcript"] or "" for row in rows])
-        except Exception as e:  # noqa: BLE001 - a model error is recorded on the samples of this batch
-            return [failed_row(row["sample_id"], f"audio feature encoders failed: {type(e).__name__}: {e}")
-                    for row in rows]
-        out = []
-        for row, audio_tokens, text_tokens in zip(rows, speech, text):
-            (audio, audio_shape), (words, text_shape) = array_bytes(audio_tokens), array_bytes(text_tokens)
-            out.append({"sample_id": row["sample_id"], "status": "ok", "error": None, "audio_tokens": audio,
-                        "audio_shape": audio_shape, "text_tokens": words, "text_shape": text_shape,
-                        "encoders": self.encoders})
-        return out
+        waveform = np.frombuffer(row["waveform"] or b"", dtype="<i2").astype(np.float32) / 32768.0
+        if waveform.size == 0:
+            raise SampleError("the audio store holds no samples for this utterance")
+        (audio, audio_shape), = map(array_bytes, self.speech.encode([waveform]))
+        (words, text_shape), = map(array_bytes, self.text.encode([row["transcript"] or ""]))
+        return {"audio_tokens": audio, "audio_shape": audio_shape, "text_tokens": words, "text_shape": text_shape,
+                "encoders": self.encoders}
