@@ -189,7 +189,8 @@ def train_folds(config: TrainConfig, sources: dict[str, Sources], folds: list[in
     """The official protocol of a fold-based dataset (DFEW's 5 folds, IEMOCAP's leave-one-session-out): one run per
     fold, then `<model>-<dataset>-folds-<time>.json` beside them with every fold's scores and their mean and
     standard deviation. Returns that file."""
-    main = PartialState().is_main_process
+    # The same flags as train()'s Accelerator: the process-wide state is fixed by whichever comes first.
+    main = PartialState(cpu=not torch.cuda.is_available()).is_main_process
     echo = echo if main else (lambda text: None)
     runs, scores = {}, {}
     for fold in folds:

@@ -159,18 +159,24 @@ def test_two_processes_under_accelerate_launch_evaluate_every_test_sample_once(p
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     # accelerate's --cpu launcher starts several processes only through MPI; --multi_gpu starts them with torchrun,
     # and on a machine without GPUs each process trains on the CPU (gloo), as `accelerate launch --cpu` would.
+    # Every fold in one launch: the processes must stay one group from run to run.
     command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-               "-m", "affectprep", "train", "grace", "--tiny", "--config", str(project.path), "--fold", "1",
+               "-m", "affectprep", "train", "grace", "--tiny", "--config", str(project.path), "--fold", "all",
                "--runs", str(tmp_path), "--set", "epochs=1", "--set", "batch_size=8", "--set", "num_workers=1"]
-    done = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env)
+    done = subprocess.run(command, capture_output=True, text=True, timeout=900, env=env)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    assert "2 process(es)" in done.stdout and done.stdout.count("run folder:") == 1
-    (run,) = tmp_path.iterdir()
-    predictions = pq.read_table(run / "results-predictions.parquet").column("sample_id").to_pylist()
-    test_ids = [r["sample_id"] for r in sources["expression"].store("index").read().to_pylist() if r["fold"] == 1]
-    assert sorted(predictions) == sorted(test_ids)          # none dropped, none twice
-    assert RunFolder(run).read_json("results.json")["num_samples"] == len(test_ids)
+    assert done.stdout.count("2 process(es)") == 5 and done.stdout.count("summary:") == 1
+    runs = sorted(p for p in tmp_path.iterdir() if p.is_dir())
+    assert [RunFolder(run).config().fold for run in runs] == [1, 2, 3, 4, 5]
+    index = sources["expression"].store("index").read().to_pylist()
+    for fold, run in enumerate(runs, start=1):
+        predictions = pq.read_table(run / "results-predictions.parquet").column("sample_id").to_pylist()
+        test_ids = [r["sample_id"] for r in index if r["fold"] == fold]
+        assert sorted(predictions) == sorted(test_ids)          # none dropped, none twice
+        assert RunFolder(run).read_json("results.json")["num_samples"] == len(test_ids)
+    (summary,) = tmp_path.glob("grace-demo-folds-*.json")
+    assert json.loads(summary.read_text())["folds"] == [1, 2, 3, 4, 5]
 
 
 def _save_tiny_encoders(folder: Path) -> tuple[Path, Path]:
