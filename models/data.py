@@ -390,10 +390,6 @@ class StoreClips(StoreSamples):
         self.item_columns = ("sample_id", "frames_per_view", "crops", "size") + (("landmarks",) if landmarks else ())
         super().__init__(faces, samples, **options)
 
-    @property
-    def faces(self) -> Store:
-        return self.store
-
     def _num_views(self, row: dict[str, Any]) -> int:
         return row["num_views"]
 

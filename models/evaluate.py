@@ -86,6 +86,8 @@ def score(samples: dict[str, list[dict[str, Any]]], sources: dict[str, Sources],
     for task, task_samples in samples.items():
         if task == "au":
             with_aus = [s for s in task_samples if "au_scores" in s]
+            if not with_aus:
+                continue
             true, scores = [s["au"] for s in with_aus], [s["au_scores"] for s in with_aus]
             au_names = sources[task].au_names
             results["au"] = metrics.au_report(true, scores, au_names)
@@ -93,6 +95,8 @@ def score(samples: dict[str, list[dict[str, Any]]], sources: dict[str, Sources],
                                                                   metrics.search_thresholds(true, scores))
         else:
             labelled = [s for s in task_samples if "probabilities" in s and s["label"] >= 0]
+            if not labelled:   # every test sample unscorable: "missing" says why
+                continue
             labels = [s["label"] for s in labelled]
             results[task] = metrics.expression_report(labels, [s["prediction"] for s in labelled],
                                                       sources[task].label_names)
