@@ -13,9 +13,8 @@ from affectprep.labels import label_set as label_set_by_name
 from affectprep.models.runs import Sources
 from affectprep.pipeline.dag import index_store, plan_stages
 from affectprep.pipeline.stage import cache_key
+from affectprep.pipeline.stages import TEXT_STAGES
 from affectprep.store import Store, list_keys
-
-TEXT_STAGES_FOR_TRAINING = ("cate", "captions")
 
 
 def resolve_sources(project: ProjectConfig, dataset: str, *, features: bool = False, text_version: str | None = None,
@@ -61,7 +60,7 @@ def resolve_sources(project: ProjectConfig, dataset: str, *, features: bool = Fa
 def _text_store(project: ProjectConfig, dataset: str, plans: dict[str, Any], version: str | None) -> Store:
     if version is None:
         return plans["cate"].store
-    for stage in TEXT_STAGES_FOR_TRAINING:
+    for stage in TEXT_STAGES:   # a version key names one store of one of them
         if version in list_keys(project.cache, dataset, stage):
             return Store(project.cache, dataset, stage, version)
     raise ConfigError(f"no text version '{version}' for dataset '{dataset}': see `affectprep text list`")

@@ -62,9 +62,9 @@ class Stage:
         return False
 
     def resources(self) -> dict[str, float]:
-        """Dask worker resources a task needs on a cluster, e.g. {"GPU": 1}; workers advertise them with
-        `dask worker --resources GPU=1`."""
-        return {}
+        """Dask worker resources a task needs on a cluster: {"GPU": 1} when the stage's config puts its model on a
+        CUDA device; workers advertise them with `dask worker --resources GPU=1`."""
+        return {"GPU": 1} if str(getattr(self.config, "device", "cpu")).startswith("cuda") else {}
 
     def setup(self) -> None:
         """Load models. Called once per worker process before the first batch."""

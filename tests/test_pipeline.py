@@ -243,3 +243,17 @@ def test_a_second_writer_is_refused_with_a_one_line_reason(project, first_run):
         out = cli("run", "--config", str(project.path), "--scheduler", "inline", "--quiet")
     assert out.returncode == 2 and "is being written by pid" in out.stderr
     assert len(out.stderr.strip().splitlines()) == 1
+
+
+def test_stages_with_a_model_on_cuda_ask_cluster_workers_for_a_gpu():
+    import dataclasses
+
+    from affectprep.pipeline.stages import STAGES
+
+    on_device = [name for name, cls in STAGES.items() if "device" in {f.name for f in dataclasses.fields(cls.Config)}]
+    assert {"faces", "captions", "cate", "features", "text_features", "audio_features"} <= set(on_device)
+    for name in on_device:
+        cls = STAGES[name]
+        assert cls(cls.Config()).resources() == {}, name
+        assert cls(dataclasses.replace(cls.Config(), device="cuda:1")).resources() == {"GPU": 1}, name
+    assert STAGES["frames"](STAGES["frames"].Config()).resources() == {}

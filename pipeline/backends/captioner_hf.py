@@ -9,12 +9,10 @@ module does the same steps itself from the checkpoint's processor config: unifor
 (and centre crop), rescale and normalise with the checkpoint's mean/std, Qwen2-VL's patchification, and the
 placeholder repeated as many times as the model emits visual tokens. The path taken is part of `identity`.
 
-`checkpoint_identity` and `torch_dtype` are shared with the vLLM captioner and the T5 rewriter.
+`torch_dtype` is shared with the vLLM captioner and the T5 rewriter.
 """
 from __future__ import annotations
 
-import functools
-import hashlib
 import json
 import math
 from dataclasses import dataclass
@@ -23,7 +21,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from ..stage import file_digest
+from .checkpoints import checkpoint_identity
 
 # Prompt formats of the reference checkpoints (their model cards and vLLM's examples), with the one video placeholder
 # the processor (or vLLM) expands.
@@ -264,39 +262,6 @@ def torch_dtype(name: str) -> Any:
     import torch
 
     return getattr(torch, name)
-
-
-def checkpoint_identity(model: str, revision: str | None = None) -> dict[str, str]:
-    """What pins a checkpoint's weights, for cache keys, without loading it.
-
-    A local folder: its name and the sha256 of its weight files (safetensors, else PyTorch .bin). A hub id: the id
-    and the commit its revision resolves to (from the local cache when offline).
-    """
-    folder = Path(model)
-    if folder.is_dir():
-        files = sorted(folder.glob("*.safetensors")) or sorted(folder.glob("*.bin"))
-        if not files:
-            raise FileNotFoundError(f"no weights (*.safetensors or *.bin) in {folder}")
-        digest = hashlib.sha256()
-        for file in files:
-            stat = file.stat()
-            digest.update(f"{file.name}:{_cached_digest(str(file.resolve()), stat.st_size, stat.st_mtime_ns)}\n"
-                          .encode())
-        return {"model": folder.resolve().name, "weights_sha256": digest.hexdigest()}
-    from transformers.utils import cached_file
-    from transformers.utils.hub import extract_commit_hash
-
-    config_file = cached_file(model, "config.json", revision=revision)
-    commit = extract_commit_hash(config_file, None)
-    if commit is None:
-        raise OSError(f"cannot tell which commit of {model!r} (revision {revision or 'main'}) is in use")
-    return {"model": model, "revision": commit}
-
-
-@functools.lru_cache(maxsize=64)
-def _cached_digest(path: str, size: int, mtime_ns: int) -> str:
-    # Hashing a 7B checkpoint takes tens of seconds: once per file version (size and mtime in the key) is enough.
-    return file_digest(Path(path))
 
 
 def _family(model: str, revision: str | None) -> str:

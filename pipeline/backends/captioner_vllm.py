@@ -13,7 +13,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from .captioner_hf import DTYPES, PROMPT_TEMPLATES, check_clip, checkpoint_identity, subsample
+from .captioner_hf import DTYPES, PROMPT_TEMPLATES, check_clip, subsample
+from .checkpoints import checkpoint_identity
 
 # vLLM takes a video as a (T, H, W, 3) uint8 array for these; newer families (Qwen3-VL, GLM-4.1V) would also need
 # the video's metadata, so they are left out rather than fed guessed timestamps.

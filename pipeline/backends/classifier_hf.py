@@ -10,7 +10,7 @@ from typing import Any
 import cv2
 import numpy as np
 
-from .captioner_hf import checkpoint_identity
+from .checkpoints import checkpoint_identity
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)

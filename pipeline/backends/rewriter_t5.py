@@ -10,7 +10,8 @@ from __future__ import annotations
 
 from typing import Any, Sequence
 
-from .captioner_hf import checkpoint_identity, torch_dtype
+from .captioner_hf import torch_dtype
+from .checkpoints import checkpoint_identity
 
 
 class T5Rewriter:

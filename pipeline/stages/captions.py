@@ -61,9 +61,6 @@ class CaptionsStage(Stage):
     def runs_in_client(self) -> bool:
         return self.kind == "openai"
 
-    def resources(self) -> dict[str, float]:
-        return {"GPU": 1} if self.config.device.startswith("cuda") else {}
-
     def setup(self) -> None:
         c = self.config
         if self.kind == "motion":

@@ -50,7 +50,7 @@ class EmotionsStage(Stage):
 
     def identity(self) -> dict[str, Any]:
         if self.kind == "hf":
-            from ..backends.captioner_hf import checkpoint_identity
+            from ..backends.checkpoints import checkpoint_identity
             return {"classifier": checkpoint_identity(self.model)}
         return {"baseline": "softmax-regression-on-motion-v1"}
 

@@ -42,9 +42,6 @@ class FacesStage(Stage):
         # Resolves "auto" on this machine, so the key says which backend (and which weights) made the crops.
         return self._load().identity
 
-    def resources(self) -> dict[str, float]:
-        return {"GPU": 1} if self.config.device.startswith("cuda") else {}
-
     def setup(self) -> None:
         import cv2
         cv2.setNumThreads(1)  # one worker process per core already; OpenCV's own threads would oversubscribe

@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 
+from ..backends.checkpoints import checkpoint_identity
 from ..stage import SampleError, Stage, failed_row
 from .text_backends import decode_crops
 
@@ -43,11 +44,6 @@ class TextFeaturesConfig:
     device: str = "cpu"
 
 
-def _checkpoint(name: str) -> dict[str, str]:
-    from ..backends.captioner_hf import checkpoint_identity
-    return checkpoint_identity(name)
-
-
 class FeaturesStage(Stage):
     name = "features"
     version = 1
@@ -69,11 +65,8 @@ class FeaturesStage(Stage):
 
     def identity(self) -> dict[str, Any]:
         c = self.config
-        return {"video_encoder": c.video_encoder and _checkpoint(c.video_encoder),
-                "clip_encoder": c.clip_encoder and _checkpoint(c.clip_encoder)}
-
-    def resources(self) -> dict[str, float]:
-        return {"GPU": 1} if self.config.device.startswith("cuda") else {}
+        return {"video_encoder": c.video_encoder and checkpoint_identity(c.video_encoder),
+                "clip_encoder": c.clip_encoder and checkpoint_identity(c.clip_encoder)}
 
     def setup(self) -> None:
         from ..backends.feature_encoders import ClipFrameEmbeddings, VideoMAETokens
@@ -136,10 +129,7 @@ class TextFeaturesStage(Stage):
         return "set stages.text_features.text_encoder"
 
     def identity(self) -> dict[str, Any]:
-        return {"text_encoder": self.config.text_encoder and _checkpoint(self.config.text_encoder)}
-
-    def resources(self) -> dict[str, float]:
-        return {"GPU": 1} if self.config.device.startswith("cuda") else {}
+        return {"text_encoder": self.config.text_encoder and checkpoint_identity(self.config.text_encoder)}
 
     def setup(self) -> None:
         from ..backends.feature_encoders import TextTokens
@@ -175,11 +165,8 @@ class AudioFeaturesStage(Stage):
         return "set stages.audio_features.speech_encoder and stages.audio_features.text_encoder"
 
     def identity(self) -> dict[str, Any]:
-        return {"speech_encoder": _checkpoint(self.config.speech_encoder),
-                "text_encoder": _checkpoint(self.config.text_encoder)}
-
-    def resources(self) -> dict[str, float]:
-        return {"GPU": 1} if self.config.device.startswith("cuda") else {}
+        return {"speech_encoder": checkpoint_identity(self.config.speech_encoder),
+                "text_encoder": checkpoint_identity(self.config.text_encoder)}
 
     def setup(self) -> None:
         from ..backends.feature_encoders import SpeechTokens, TextTokens
