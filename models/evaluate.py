@@ -24,8 +24,7 @@ from torch import nn
 
 from . import metrics
 from .data import DOMAINS, with_domain
-from .runs import (RunFolder, Sources, TrainConfig, build_model, load_weights, make_dataset, make_loader,
-                   samples_for)
+from .runs import RunFolder, Sources, TrainConfig, make_dataset, make_loader, samples_for
 
 
 def predict(model: nn.Module, loader, accelerator: Accelerator, domain: int | None = None) -> list[dict[str, Any]]:
@@ -160,8 +159,7 @@ def evaluate_run(run_path: Path, views: int | None = None) -> dict[str, Any]:
     run = RunFolder(run_path)
     config, sources = run.config(), run.sources()
     accelerator = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=config.mixed_precision)
-    model = load_weights(build_model(config, sources), run.require_checkpoint())
-    model = accelerator.prepare(model)
+    model = accelerator.prepare(run.trained_model())
     views = views if views is not None else config.eval_views
     samples, missing = evaluate(model, config, sources, accelerator, views)
     results = score(samples, sources, missing)

@@ -11,13 +11,13 @@ from affectprep import schema as S
 from affectprep.config import ConfigError
 
 from .data import collate
-from .runs import RunFolder, build_model, load_weights, make_dataset
+from .runs import RunFolder, make_dataset
 
 
 def explain_sample(run_path: Path, sample_id: str, out_dir: Path) -> list[Path]:
     run = RunFolder(run_path)
     config, sources = run.config(), run.sources()
-    model = load_weights(build_model(config, sources), run.require_checkpoint()).eval()
+    model = run.trained_model().eval()
     if not hasattr(model, "explain"):
         raise ConfigError(f"model '{config.model_name}' has no explanation to draw")
     for task, task_sources in sources.items():

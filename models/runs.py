@@ -177,17 +177,22 @@ def _merged_facs(sources: dict[str, Sources]) -> dict[str, dict[str, Any]]:
 
 
 def _encoder_of(features: Store, name: str) -> str:
-    for table in features.iter_tables(["encoders"], status=S.STATUS_OK):
-        if table.num_rows and (encoder := json.loads(table.column("encoders")[0].as_py()).get(name)):
-            return encoder
-    raise ConfigError(f"{features} holds no {name} output: set stages.features.{name} and run the features stage")
+    encoder = json.loads(_first_value(features, "encoders")).get(name)
+    if not encoder:
+        raise ConfigError(f"{features} holds no {name} output: set stages.features.{name} and run the features stage")
+    return encoder
 
 
 def _last_dim(store: Store, column: str) -> int:
     """The width of the cached arrays in `column` (the last entry of a stored shape)."""
+    return int(_first_value(store, column)[-1])
+
+
+def _first_value(store: Store, column: str) -> Any:
+    """`column` of the store's first ok row: what every row of a features store shares (encoders, width)."""
     for table in store.iter_tables([column], status=S.STATUS_OK):
         if table.num_rows:
-            return int(table.column(column)[0].as_py()[-1])
+            return table.column(column)[0].as_py()
     raise ConfigError(f"{store} holds no features: run the {store.stage} stage")
 
 
@@ -278,8 +283,12 @@ class RunFolder:
     def sources(self) -> dict[str, Sources]:
         return {task: Sources.from_json(raw) for task, raw in self.read_json("stores.json").items()}
 
+    def finished_checkpoints(self) -> list[Path]:
+        """Checkpoint folders whose save completed (trainer_state.json is written last), oldest first."""
+        return sorted(p for p in self.checkpoints.glob("epoch-*") if (p / "trainer_state.json").exists())
+
     def latest_checkpoint(self) -> Path | None:
-        done = sorted(p for p in self.checkpoints.glob("epoch-*") if (p / "trainer_state.json").exists())
+        done = self.finished_checkpoints()
         return done[-1] if done else None
 
     def require_checkpoint(self) -> Path:
@@ -287,6 +296,10 @@ class RunFolder:
         if checkpoint is None:
             raise ConfigError(f"{self.path} has no finished checkpoint yet")
         return checkpoint
+
+    def trained_model(self) -> nn.Module:
+        """The run's model with the weights of its last finished checkpoint."""
+        return load_weights(build_model(self.config(), self.sources()), self.require_checkpoint())
 
 
 def load_weights(model: nn.Module, checkpoint: Path) -> nn.Module:

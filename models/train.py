@@ -259,8 +259,7 @@ def _save_checkpoint(accelerator: Accelerator, run: RunFolder, epoch: int, histo
     if accelerator.is_main_process:
         run.write_json("metrics.json", history)
         RunFolder(target).write_json("trainer_state.json", {"epoch": epoch, "finished": datetime.now().isoformat()})
-        finished = sorted(p for p in run.checkpoints.glob("epoch-*") if (p / "trainer_state.json").exists())
-        for old in finished[:-CHECKPOINTS_KEPT]:
+        for old in run.finished_checkpoints()[:-CHECKPOINTS_KEPT]:
             shutil.rmtree(old, ignore_errors=True)
     accelerator.wait_for_everyone()
 

@@ -25,7 +25,7 @@ from affectprep.models.data import few_labels
 from affectprep.models.grefel import GReFEL
 from affectprep.models.metrics import cluster_scores
 from affectprep.models.pca import PCA
-from affectprep.models.runs import (RunFolder, TrainConfig, build_model, load_weights, make_dataset, make_loader,
+from affectprep.models.runs import (RunFolder, TrainConfig, build_model, make_dataset, make_loader,
                                     samples_for)
 from affectprep.models.train import train
 from affectprep.pipeline.dag import run_pipeline
@@ -168,7 +168,7 @@ def test_cluster_scores_of_the_test_embeddings(grefel_run):
     run, _, _ = grefel_run
     folder = RunFolder(run)
     config, sources = folder.config(), folder.sources()
-    trained = load_weights(build_model(config, sources), folder.require_checkpoint())
+    trained = folder.trained_model()
     ids, embeddings, labels, probabilities = embeddings_of(trained, run)
     predictions = sorted(pq.read_table(run / "results-predictions.parquet").to_pylist(), key=lambda p: p["sample_id"])
     # The same model and samples evaluation scored: these are the embeddings behind results.json.
