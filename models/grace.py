@@ -35,6 +35,7 @@ from torch import Tensor, nn
 from transformers import AutoModel, BertConfig, BertModel, VideoMAEConfig, VideoMAEModel
 
 from .layers import cosine_cost, sinkhorn
+from .layers.optim import parameter_groups
 from .losses import grace_loss
 from .registry import ModelInputs, register_model
 from .text import TINY_VOCAB_SIZE, load_tokenizer, tiny_tokenizer
@@ -372,18 +373,11 @@ class Grace(nn.Module):
         lr; each group's lr is lr * layer_decay ** (depth + 1 - its depth) (also given as "lr_scale" for
         schedulers). Biases and norm weights (1-D tensors) get no weight decay. Frozen parameters are left out.
         """
-        groups: dict[tuple[int, int, bool], dict] = {}
-        for name, parameter in self.named_parameters():
-            if not parameter.requires_grad:
-                continue
+        def scale(name: str) -> float:
             layer, depth = self._layer_position(name)
-            no_decay = parameter.ndim <= 1
-            scale = layer_decay ** (depth + 1 - layer)
-            group = groups.setdefault((depth, layer, no_decay), {
-                "params": [], "lr": lr * scale, "lr_scale": scale,
-                "weight_decay": 0.0 if no_decay else weight_decay})
-            group["params"].append(parameter)
-        return list(groups.values())
+            return layer_decay ** (depth + 1 - layer)
+
+        return parameter_groups(self.named_parameters(), lr=lr, weight_decay=weight_decay, lr_scale_of=scale)
 
     def _layer_position(self, name: str) -> tuple[int, int]:
         """(layer depth, encoder depth) of a parameter; parameters outside both encoders rank as the head."""

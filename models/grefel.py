@@ -59,6 +59,7 @@ from transformers import ResNetBackbone, ResNetConfig
 
 from affectprep.schema import NUM_LANDMARKS
 
+from .losses import labelled_cross_entropy
 from .registry import ModelInputs, register_model
 
 BALANCINGS = ("both", "anchors", "attention", "none")
@@ -263,14 +264,14 @@ class GReFEL(nn.Module):
              class_weights: Tensor | None = None) -> dict[str, Tensor]:
         """sum of lambda * part over the enabled parts "cls", "anchor", "center" (Eq. 23); parts detached."""
         output = outputs["expression"]
-        labels = batches["expression"]["labels"].to(output["logits"].device)
-        labelled = labels >= 0
-        logits, embedding, labels = output["logits"][labelled], output["embedding"][labelled], labels[labelled]
+        all_labels = batches["expression"]["labels"].to(output["logits"].device)
+        labelled = all_labels >= 0
+        embedding, labels = output["embedding"][labelled], all_labels[labelled]
         parts = {}
         if "cls" in self.losses:
-            weights = None if class_weights is None else class_weights.to(logits.device, torch.float32)
-            parts["cls"] = (F.nll_loss(logits.float(), labels, weight=weights) if labels.numel()
-                            else output["logits"].sum() * 0.0)
+            # The logits are log-probabilities of a distribution (log-softmax leaves them as they are), so this is
+            # the NLL of the final, corrected distribution.
+            parts["cls"] = labelled_cross_entropy(output["logits"], all_labels, class_weights)
         if "anchor" in self.losses:
             parts["anchor"] = anchor_loss(self.anchors)
         if "center" in self.losses:

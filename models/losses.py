@@ -31,6 +31,19 @@ def inverse_sqrt_class_weights(counts: Sequence[float] | Tensor) -> Tensor:
     return (weights / weights[present].mean()).float()
 
 
+def labelled_cross_entropy(logits: Tensor, labels: Tensor, class_weights: Tensor | None = None) -> Tensor:
+    """Class-weighted cross-entropy over the samples that carry a label (label >= 0; -1 = unlabelled, as in an
+    AU-only batch or a target domain with few labels). With no labelled sample it is a zero that stays on the
+    graph, so distributed backward sees the same parameters on every process."""
+    labels = torch.as_tensor(labels, device=logits.device)
+    labelled = labels >= 0
+    if not labelled.any():
+        return logits.sum() * 0.0
+    weights = None if class_weights is None else torch.as_tensor(class_weights, dtype=torch.float32,
+                                                                 device=logits.device)
+    return F.cross_entropy(logits[labelled].float(), labels[labelled], weight=weights)
+
+
 def focal_loss(logits: Tensor, targets: Tensor, weights: Tensor | None = None, *, gamma: float = 2.0,
                alpha: float = 1.0) -> Tensor:
     """Weighted focal loss (Eq. 6): -sum_c w_c alpha (1 - p_c)^gamma y_c log p_c, averaged with the target weights.

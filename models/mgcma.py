@@ -49,6 +49,8 @@ from torch import Tensor, nn
 from transformers import AutoModel, BertConfig, BertModel, PreTrainedTokenizerBase, Wav2Vec2Config, Wav2Vec2Model
 
 from .grace import masked_mean
+from .layers.optim import parameter_groups
+from .losses import labelled_cross_entropy
 from .registry import ModelInputs, register_model
 from .text import TINY_VOCAB_SIZE, load_tokenizer, tiny_tokenizer
 
@@ -319,10 +321,7 @@ class Mgcma(nn.Module):
         + lambda_i * instance contrastive; the parts come back detached for logging."""
         output, labels = outputs["expression"], batches["expression"]["labels"]
         logits = output["logits"]
-        labelled = labels >= 0
-        weights = None if class_weights is None else class_weights.to(logits.device, torch.float32)
-        parts = {"ce": F.cross_entropy(logits[labelled].float(), labels[labelled], weight=weights)
-                 if labelled.any() else logits.sum() * 0.0}
+        parts = {"ce": labelled_cross_entropy(logits, labels, class_weights)}
         total = parts["ce"]
         if self.distribution_alignment:
             distance = wasserstein2_squared(output["speech_mean"].float(), output["speech_variance"].float(),
@@ -339,17 +338,12 @@ class Mgcma(nn.Module):
     def param_groups(self, lr: float, weight_decay: float = 0.01) -> list[dict]:
         """AdamW groups: the pre-trained encoders at lr * encoder_lr_scale, the rest at lr; biases and norm weights
         (1-D tensors) without weight decay. Frozen parameters are left out."""
-        groups: dict[tuple[bool, bool], dict] = {}
-        for name, parameter in self.named_parameters():
-            if not parameter.requires_grad:
-                continue
-            encoder = name.startswith(("speech_encoder.", "text_encoder."))
-            no_decay = parameter.ndim <= 1
-            scale = self.encoder_lr_scale if encoder else 1.0
-            group = groups.setdefault((encoder, no_decay), {
-                "params": [], "lr": lr * scale, "lr_scale": scale, "weight_decay": 0.0 if no_decay else weight_decay})
-            group["params"].append(parameter)
-        return list(groups.values())
+        def encoder(name: str) -> bool:
+            return name.startswith(("speech_encoder.", "text_encoder."))
+
+        return parameter_groups(self.named_parameters(), lr=lr, weight_decay=weight_decay,
+                                group_of=lambda name: "encoders" if encoder(name) else "new",
+                                lr_scale_of=lambda name: self.encoder_lr_scale if encoder(name) else 1.0)
 
     # ----- registry convention --------------------------------------------------------------------------------
 

@@ -52,6 +52,8 @@ from transformers import CLIPConfig, CLIPModel, PreTrainedTokenizerBase
 
 from affectprep.labels import BASIC7
 
+from .layers.optim import parameter_groups
+from .losses import labelled_cross_entropy
 from .registry import CLIP_MEAN, CLIP_STD, ModelInputs, register_model
 from .text import TINY_VOCAB_SIZE, load_tokenizer, tiny_tokenizer
 
@@ -256,18 +258,17 @@ class PCA(nn.Module):
         for task, output in outputs.items():
             labels = batches[task]["labels"]
             weights = class_weights if task == "expression" else None   # the weights are the source's counts
-            terms = {"cls": _labelled_cross_entropy(output["cls_logits"], labels, weights)}
+            terms = {"cls": labelled_cross_entropy(output["cls_logits"], labels, weights)}
             if self.iga:
-                terms["iga"] = _labelled_cross_entropy(output["iga_logits"], labels, weights)
+                terms["iga"] = labelled_cross_entropy(output["iga_logits"], labels, weights)
             for name, value in terms.items():
                 parts[name] = parts[name] + value if name in parts else value
         total = self.lambdas[0] * parts["cls"] + (self.lambdas[1] * parts["iga"] if self.iga else 0.0)
         return {"loss": total, **{name: value.detach() for name, value in parts.items()}}
 
     def param_groups(self, lr: float, weight_decay: float = 5e-4) -> list[dict]:
-        """One group of the trainable parameters (prompts, transfer maps, IGA); frozen CLIP is left out."""
-        return [{"params": [p for p in self.parameters() if p.requires_grad], "lr": lr,
-                 "weight_decay": weight_decay}]
+        """The trainable parameters (prompts, transfer maps, IGA) in one group; frozen CLIP is left out."""
+        return parameter_groups(self.named_parameters(), lr=lr, weight_decay=weight_decay, group_of=lambda n: "prompts")
 
     # ----- registry convention --------------------------------------------------------------------------------
 
@@ -292,15 +293,6 @@ def _replace_hidden(args: tuple, kwargs: dict, replace) -> tuple[tuple, dict]:
     if args:
         return (replace(args[0]), *args[1:]), kwargs
     return args, {**kwargs, "hidden_states": replace(kwargs["hidden_states"])}
-
-
-def _labelled_cross_entropy(logits: Tensor, labels: Tensor, class_weights: Tensor | None) -> Tensor:
-    labels = labels.to(logits.device)
-    labelled = labels >= 0
-    if not labelled.any():
-        return logits.sum() * 0.0   # keeps the graph connected for distributed backward
-    weights = None if class_weights is None else class_weights.to(logits.device, torch.float32)
-    return F.cross_entropy(logits[labelled].float(), labels[labelled], weight=weights)
 
 
 @register_model("pca")

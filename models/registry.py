@@ -13,13 +13,18 @@ the trainer passes `num_classes`, and `class_names` / `facs` (the FACS asset row
 - `loss(outputs, batches, class_weights=None)`: `outputs` and `batches` are dicts keyed by task (a model with two
   tasks gets one batch of each per step, e.g. DFEW clips and BP4D frames); returns a dict with the total "loss"
   and its named parts.
-- optional `param_groups(lr, weight_decay)`: the optimiser's parameter groups (layer-wise lr decay and the like).
+- optional `param_groups(lr, weight_decay)`: the optimiser's parameter groups (layer-wise lr decay and the like),
+  built with `layers.optim.parameter_groups`, each named ("visual_encoder", "new", ...).
+
+A model registers with the rows of its paper's ablation tables (`ablations`), each the options that reproduce
+that row, so `affectprep recipe show MODEL` can list them and a test can run every one.
 """
 from __future__ import annotations
 
 import importlib
-from dataclasses import dataclass
-from typing import Callable
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
 
 from torch import nn
 
@@ -46,18 +51,41 @@ class ModelInputs:
 # that `create_model` works without the caller importing each model module first.
 _BUILTIN_MODULES = ("grace", "ssm", "mgcma", "pca", "grefel")
 
+@dataclass(frozen=True)
+class Ablation:
+    """One row of an ablation table of the model's paper, as the options that reproduce it.
+
+    `set` maps `--set` keys to values: training options ("epochs"), model options ("model.motion") and, for rows
+    that change the text the model reads, pipeline options ("stages.cate.OPTION", a text version of its own)."""
+    table: str          # as the paper numbers it: "Table II"
+    row: str            # the row's label in that table: "w/o motion weighting"
+    set: dict[str, Any] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"table": self.table, "row": self.row, "set": dict(self.set)}
+
+
 _BUILDERS: dict[str, Callable[..., nn.Module]] = {}
+_ABLATIONS: dict[str, tuple[Ablation, ...]] = {}
 _builtins_loaded = False
 
 
-def register_model(name: str) -> Callable:
-    """Decorator registering `builder(tiny=False, **kwargs) -> nn.Module` under `name`."""
+def register_model(name: str, *, ablations: Sequence[Ablation] = ()) -> Callable:
+    """Decorator registering `builder(tiny=False, **kwargs) -> nn.Module` under `name`, with its paper's
+    ablation rows."""
     def decorate(builder: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
         if name in _BUILDERS and _BUILDERS[name] is not builder:
             raise ValueError(f"a model named {name!r} is already registered")
         _BUILDERS[name] = builder
+        _ABLATIONS[name] = tuple(ablations)
         return builder
     return decorate
+
+
+def model_ablations(name: str) -> tuple[Ablation, ...]:
+    """The ablation rows registered with model `name`."""
+    model_builder(name)
+    return _ABLATIONS[name]
 
 
 def create_model(name: str, *, tiny: bool = False, **kwargs) -> nn.Module:

@@ -52,6 +52,8 @@ from transformers import (CLIPConfig, CLIPTextConfig, CLIPTextModelWithProjectio
                           CLIPVisionModelWithProjection, PreTrainedTokenizerBase)
 from transformers.masking_utils import create_causal_mask
 
+from .layers.optim import parameter_groups
+from .losses import labelled_cross_entropy
 from .registry import CLIP_MEAN, CLIP_STD, ModelInputs, register_model
 from .text import TINY_VOCAB_SIZE, load_tokenizer, tiny_tokenizer
 
@@ -326,11 +328,8 @@ class SSM(nn.Module):
         if "expression" in outputs:
             logits = outputs["expression"]["logits"]
             labels = torch.as_tensor(batches["expression"]["labels"], device=logits.device)
-            known = labels >= 0
-            if known.any():
-                weights = None if class_weights is None else torch.as_tensor(class_weights, dtype=torch.float32,
-                                                                             device=logits.device)
-                parts["dfe"] = F.cross_entropy(logits[known].float(), labels[known], weight=weights)   # Eq. 12
+            if (labels >= 0).any():
+                parts["dfe"] = labelled_cross_entropy(logits, labels, class_weights)   # Eq. 12
         if "au" in outputs:
             logits = outputs["au"]["au_logits"]
             targets = torch.as_tensor(batches["au"]["au"], dtype=torch.float32, device=logits.device)
@@ -361,17 +360,12 @@ class SSM(nn.Module):
         new_in_backbone = {id(p) for module in moe
                            for p in (*module.router.parameters(), *module.experts.parameters(), module.gamma)}
         no_decay = set() if self.dpm is None else {id(p) for p in self.dpm.parameters()}
-        groups: dict[tuple[bool, bool], dict] = {}
-        for name, parameter in self.named_parameters():
-            if not parameter.requires_grad:
-                continue
-            pretrained = name.startswith("vision.") and id(parameter) not in new_in_backbone
-            decay = parameter.ndim > 1 and id(parameter) not in no_decay
-            scale = self.backbone_lr_scale if pretrained else 1.0
-            group = groups.setdefault((pretrained, decay), {"params": [], "lr": lr * scale, "lr_scale": scale,
-                                                            "weight_decay": weight_decay if decay else 0.0})
-            group["params"].append(parameter)
-        return list(groups.values())
+        pretrained = {name for name, p in self.named_parameters()
+                      if name.startswith("vision.") and id(p) not in new_in_backbone}
+        return parameter_groups(self.named_parameters(), lr=lr, weight_decay=weight_decay,
+                                group_of=lambda name: "visual_encoder" if name in pretrained else "new",
+                                lr_scale_of=lambda name: self.backbone_lr_scale if name in pretrained else 1.0,
+                                no_decay=lambda name, p: id(p) in no_decay)
 
     # ----- registry convention --------------------------------------------------------------------------------
 

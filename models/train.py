@@ -42,6 +42,7 @@ from affectprep.config import ConfigError
 
 from .data import DOMAINS, class_weights_from_labels, few_labels, with_domain
 from .evaluate import evaluate, score, summary_line, write_results
+from .layers.optim import parameter_groups
 from .runs import (RunFolder, Sources, TrainConfig, build_model, git_state, make_dataset, make_loader,
                    samples_for)
 
@@ -270,10 +271,7 @@ def _optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
         extra = {"layer_decay": config.layer_decay} if "layer_decay" in accepts else {}
         groups = model.param_groups(config.lr, config.weight_decay, **extra)
     else:
-        trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-        # Biases and norm weights (1-D) take no weight decay.
-        groups = [{"params": [p for _, p in trainable if p.ndim > 1], "weight_decay": config.weight_decay},
-                  {"params": [p for _, p in trainable if p.ndim <= 1], "weight_decay": 0.0}]
+        groups = parameter_groups(model.named_parameters(), lr=config.lr, weight_decay=config.weight_decay)
     if config.optimizer == "sgd":
         return torch.optim.SGD(groups, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay)
     return torch.optim.AdamW(groups, lr=config.lr, weight_decay=config.weight_decay)
