@@ -126,8 +126,10 @@ def status(config: ConfigOpt = Path(DEFAULT_CONFIG_FILE), cache: CacheOpt = None
                    + (f"  excluded by protocol {excluded}" if excluded else ""))
         _echo_failures(index["failures"], errors)
         for s in entry["stages"]:
+            stale = f" (stale {s['stale']})" if s["stale"] else ""
             typer.echo(f"  {s['stage']:8} done {s['done']:>5}/{s['total']:<5} failed {s['failed']:>5}  "
-                       f"blocked {s['blocked']:>5}  pending {s['pending']:>5}  {_size(s['bytes']):>9}  key {s['key']}")
+                       f"blocked {s['blocked']:>5}  pending {s['pending']:>5}{stale}  {_size(s['bytes']):>9}  "
+                       f"key {s['key']}")
             _echo_failures(s["failures"], errors)
 
 
@@ -367,6 +369,8 @@ def _run_and_exit(project: ProjectConfig, stage: str | None, datasets: list[str]
         typer.echo(f"{name:12} {'index':8} {counts['ok'] + counts['failed']:>7} {'':>7} {counts['ok']:>7} "
                    f"{counts['failed']:>7}")
     for s in report.stages:
+        if s.note:
+            typer.echo(f"{s.dataset:12} {s.stage:8} note: {s.note}")
         if s.total == 0:   # a stage with nothing to do for this dataset (audio for videos, vision for speech)
             continue
         typer.echo(f"{s.dataset:12} {s.stage:8} {s.total:>7} {s.done_before:>7} {s.ok:>7} {s.failed_total:>7} "

@@ -6,6 +6,7 @@ stage's config dataclass, so a typo is a one-line error instead of a silently ig
 from __future__ import annotations
 
 import dataclasses
+import re
 import tomllib
 import types
 import typing
@@ -22,12 +23,29 @@ class ConfigError(Exception):
     """A usage or configuration mistake; the CLI prints it on one line and exits with code 2."""
 
 
+# A dataset name becomes a folder under the cache root: one path component, no way out of the cache.
+_DATASET_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
+
+
 @dataclass
 class DatasetConfig:
     name: str
     kind: str
     root: Path
     options: dict[str, Any] = field(default_factory=dict)
+    # Stage options for this dataset only, over the project's [stages] (e.g. a CLIP encoder for an image set
+    # beside a VideoMAE for a video set): [datasets.NAME.stages.STAGE].
+    stages: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        check_dataset_name(self.name)
+
+
+def check_dataset_name(name: str) -> str:
+    if not isinstance(name, str) or not _DATASET_NAME.fullmatch(name) or ".." in name:
+        raise ConfigError(f"dataset name {name!r} is not allowed: use letters, digits, '.', '_' and '-' (it names "
+                          f"a folder under the cache)")
+    return name
 
 
 @dataclass
@@ -68,8 +86,12 @@ def project_from_dict(raw: dict[str, Any], path: Path | None, cache: Path | str 
             kind, root = entry.pop("kind"), entry.pop("root")
         except KeyError as e:
             raise ConfigError(f"dataset '{name}' in {path} has no '{e.args[0]}'") from None
+        stages = entry.pop("stages", {})
+        if not isinstance(stages, dict) or not all(isinstance(v, dict) for v in stages.values()):
+            raise ConfigError(f"datasets.{name}.stages in {path} must hold one table per stage")
         root_path = Path(root).expanduser()
-        datasets[name] = DatasetConfig(name, kind, (base / root_path).resolve(), entry)
+        datasets[name] = DatasetConfig(name, kind, (base / root_path).resolve(), entry,
+                                       {k: dict(v) for k, v in stages.items()})
     stages = {k: dict(v) for k, v in raw.get("stages", {}).items()}
     return ProjectConfig(path, cache_dir.resolve(), datasets, stages, dict(raw.get("train", {})))
 
@@ -78,7 +100,8 @@ def project_to_dict(project: ProjectConfig) -> dict[str, Any]:
     base = project.path.parent.resolve() if project.path else Path.cwd()
     return {
         "project": {"cache": _relative(project.cache, base)},
-        "datasets": {d.name: {"kind": d.kind, "root": _relative(d.root, base), **d.options}
+        "datasets": {d.name: {"kind": d.kind, "root": _relative(d.root, base), **d.options,
+                              **({"stages": d.stages} if d.stages else {})}
                      for d in project.datasets.values()},
         "stages": project.stages,
         **({"train": project.train} if project.train else {}),

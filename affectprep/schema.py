@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import pyarrow as pa
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 # Per-sample outcome, present in every store.
 STATUS_OK = "ok"
@@ -18,6 +18,11 @@ NUM_LANDMARKS = 68
 _STATUS_FIELDS = [
     pa.field("status", pa.string(), nullable=False),
     pa.field("error", pa.string()),
+    # What the row was made from: a digest of the sample's own inputs (the index fields the stage reads, the
+    # input digests of its upstream rows, and for a stage that learns from other samples, what it learnt from).
+    # Store keys hold only what applies to every sample (stage, config, backend, upstream keys); a stored row
+    # whose digest is not the one the current annotations give is stale, and its sample is redone.
+    pa.field("input_digest", pa.string()),
 ]
 
 
@@ -30,7 +35,8 @@ def _schema(stage: str, fields: list[pa.Field]) -> pa.Schema:
 # One row per annotated sample, written by a dataset adapter. Rows the adapter could not accept (unknown label,
 # missing media, path outside the root) are kept with status "failed" so nothing is silently dropped.
 INDEX = _schema("index", [
-    pa.field("media_path", pa.string()),            # absolute path: video file, folder of frames, image or wav
+    pa.field("media_path", pa.string()),            # video file, folder of frames, image or wav: relative to the
+                                                    # dataset root (POSIX), absolute only for media outside it
     pa.field("media_kind", pa.string()),            # "video" | "frames" | "image" | "audio"
     pa.field("frame_start", pa.int32()),            # window inside the media, in source frames; 0 = start
     pa.field("frame_end", pa.int32()),              # exclusive; -1 = to the end

@@ -131,10 +131,15 @@ class Store:
 
     def statuses(self) -> dict[str, str]:
         """sample_id -> status of its newest row. Reads only two small columns."""
-        out: dict[str, str] = {}
+        return {sid: status for sid, (status, _) in self.completion().items()}
+
+    def completion(self) -> dict[str, tuple[str, str | None]]:
+        """sample_id -> (status, input digest) of its newest row. Reads only three small columns."""
+        out: dict[str, tuple[str, str | None]] = {}
         for part in self.parts():
-            t = self._read_part(part, ["sample_id", "status"])
-            out.update(zip(t.column("sample_id").to_pylist(), t.column("status").to_pylist()))
+            t = self._read_part(part, ["sample_id", "status", "input_digest"])
+            out.update(zip(t.column("sample_id").to_pylist(),
+                           zip(t.column("status").to_pylist(), t.column("input_digest").to_pylist())))
         return out
 
     def read(self, columns: list[str] | None = None, ids: Iterable[str] | None = None,

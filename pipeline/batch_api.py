@@ -9,7 +9,7 @@ from affectprep import schema as S
 from affectprep.config import ConfigError, ProjectConfig
 
 from .backends.llm_batch import export_batch_jsonl, import_batch_jsonl
-from .dag import StagePlan, applies_to, ensure_index, joined_rows, plan_stages
+from .dag import DatasetPlan, StagePlan, ensure_index, joined_rows
 from .stages import TEXT_STAGES
 
 
@@ -18,21 +18,17 @@ def _pending(project: ProjectConfig, dataset: str, stage: str) -> tuple[StagePla
         raise ConfigError(f"only the text stages {TEXT_STAGES} send LLM requests, not '{stage}'")
     if dataset not in project.datasets:
         raise ConfigError(f"unknown dataset '{dataset}'; the project has {sorted(project.datasets)}")
-    index = ensure_index(project, project.datasets[dataset])
-    plans = plan_stages(project, index, stage)
-    plan = plans[-1]
-    if getattr(plan.stage, "kind", None) != "openai":
-        raise ConfigError(f"stage '{stage}' uses '{plan.stage.kind}', not an openai:<model> backend")
-    idx = index.read(["sample_id", "media_kind", "label"], status=S.STATUS_OK).to_pylist()
-    ready = [r["sample_id"] for r in idx if applies_to(plan.stage, r["media_kind"], r["label"])]
-    kinds = {r["sample_id"]: (r["media_kind"], r["label"]) for r in idx}
-    for upstream in plans[:-1]:
-        statuses = upstream.store.statuses()
-        ready = [sid for sid in ready
-                 if statuses.get(sid) == S.STATUS_OK or not applies_to(upstream.stage, *kinds[sid])]
-    done = plan.store.statuses()
-    pending = [sid for sid in ready if done.get(sid) != S.STATUS_OK]
-    return plan, list(joined_rows(index, plans, plan, pending, set(pending)))
+    ds = project.datasets[dataset]
+    plan = DatasetPlan(project, ds, ensure_index(project, ds), stage)
+    target = plan.by_name[stage]
+    if getattr(target.stage, "kind", None) != "openai":
+        raise ConfigError(f"stage '{stage}' uses '{target.stage.kind}', not an openai:<model> backend")
+    pending = [sid for sid in plan.applicable(target, plan.population())
+               if plan.status(target, sid) != S.STATUS_OK and plan.upstream_ok(target, sid)]
+    digests = plan.expected(target)
+    rows = [{**row, "input_digest": digests.get(row["sample_id"])}
+            for row in joined_rows(plan, target, pending, set(pending))]
+    return target, rows
 
 
 def export_requests(project: ProjectConfig, dataset: str, stage: str, out: Path) -> int:
@@ -50,6 +46,8 @@ def import_results(project: ProjectConfig, dataset: str, stage: str, results: Pa
     answers = import_batch_jsonl(results, prices=prices)
     rows = [r for r in rows if r["sample_id"] in answers]
     out = plan.stage.rows_from_answers(rows, [answers[r["sample_id"]] for r in rows])
+    for row, source in zip(out, rows):
+        row["input_digest"] = source["input_digest"]
     with plan.store.lock():
         plan.store.write_config(plan.config)
         plan.store.write(out)

@@ -33,6 +33,9 @@ class Stage:
     # (it trains on them), and runs in the client once the stages before it are complete.
     scope: ClassVar[str] = "sample"
     batch_size: ClassVar[int | None] = None         # samples per Dask task, when the stage wants more than the default
+    # Whether one set-up instance may serve several threads of a worker at once. Backends rarely are (OpenCV's
+    # cascades, dlib, decoders keep state per call), so by default every worker thread sets up its own instance.
+    thread_safe: ClassVar[bool] = False
 
     def __init__(self, config: Any):
         self.config = config
@@ -55,6 +58,11 @@ class Stage:
     def disabled_reason(self) -> str:
         """What to configure to enable the stage, for the error when a disabled stage is asked for."""
         return ""
+
+    def skip_note(self, media_kinds: set[str]) -> str | None:
+        """Why the stage leaves out samples of these media kinds that its class would take (its config rules
+        them out), for the run's summary; None when there is nothing to say."""
+        return None
 
     def runs_in_client(self) -> bool:
         """True for work that only waits on a remote service (LLM requests) or costs nothing: it runs in the
@@ -81,6 +89,12 @@ class Stage:
         that are flagged `"pending": True` (the others are there to learn from)."""
         raise NotImplementedError
 
+    def input_digests(self, ready: list[dict[str, Any]]) -> dict[str, str]:
+        """For scope "dataset": the input digest of each ready sample (`ready` holds their index fields and their
+        own `input_digest`). A stage whose output for a sample depends on other samples (it trains on their
+        labels) mixes in what it learns from for that sample; by default a sample's digest is its own."""
+        return {s["sample_id"]: s["input_digest"] for s in ready}
+
     def process_guarded(self, row: dict[str, Any]) -> dict[str, Any]:
         try:
             out = self.process_one(row)
@@ -103,6 +117,11 @@ def cache_key(payload: dict[str, Any]) -> str:
     """Hash of everything that can change a stage's output. A value that cannot be hashed is an error."""
     text = json.dumps(payload, sort_keys=True, default=_refuse)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def digest(parts: Any) -> str:
+    """A sample's input digest (see schema `input_digest`): short, stable across processes and machines."""
+    return hashlib.blake2b(json.dumps(parts, default=str, separators=(",", ":")).encode(), digest_size=8).hexdigest()
 
 
 def file_digest(path: Path, chunk: int = 1 << 20) -> str:

@@ -237,7 +237,9 @@ def build_index(kind: str, root: Path, options: dict[str, Any] | None = None) ->
 
 
 def index_table(adapter: DatasetAdapter) -> pa.Table:
-    rows = list(adapter.rows())
+    """The index rows, media paths relative to the dataset root: a project moved or copied elsewhere keeps its
+    index (and so every store after it)."""
+    rows = [_relative_media(row, adapter.root) for row in adapter.rows()]
     labels = adapter.labels()
     metadata = {
         **schema.INDEX.metadata,
@@ -247,6 +249,13 @@ def index_table(adapter: DatasetAdapter) -> pa.Table:
         b"affectprep.excluded": json.dumps(dict(sorted(adapter.excluded.items()))).encode(),
     }
     return pa.Table.from_pylist(rows, schema=schema.INDEX).replace_schema_metadata(metadata)
+
+
+def _relative_media(row: dict[str, Any], root: Path) -> dict[str, Any]:
+    path = row.get("media_path")
+    if path and Path(path).is_relative_to(root):
+        return {**row, "media_path": Path(path).relative_to(root).as_posix()}
+    return row
 
 
 def _adapter_class(kind: str) -> type[DatasetAdapter]:

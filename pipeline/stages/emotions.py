@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from ..stage import Stage, failed_row
+from ..stage import Stage, digest, failed_row
 from .text_backends import decode_crops, parse_backend
 
 
@@ -53,6 +53,21 @@ class EmotionsStage(Stage):
             from ..backends.checkpoints import checkpoint_identity
             return {"classifier": checkpoint_identity(self.model)}
         return {"baseline": "softmax-regression-on-motion-v1"}
+
+    def input_digests(self, ready: list[dict[str, Any]]) -> dict[str, str]:
+        """A prediction is made from the sample's own crops and by a model trained on other samples' labels: the
+        digest of a baseline prediction holds the sample's own digest and that of its model's training set (ids,
+        labels and crops of every sample it trains on), so a relabelled sample redoes exactly the predictions of
+        the models that trained on it. A checkpoint's predictions depend on the sample alone."""
+        if self.kind == "hf":
+            return {s["sample_id"]: s["input_digest"] for s in ready}
+        groups = {s["sample_id"]: self._group(s) for s in ready}
+        training = {}
+        for group in set(groups.values()):
+            members = sorted((s["sample_id"], s["label"], s["input_digest"]) for s in ready
+                             if groups[s["sample_id"]] not in (group, 0))
+            training[group] = digest(members)
+        return {s["sample_id"]: digest([s["input_digest"], training[groups[s["sample_id"]]]]) for s in ready}
 
     def process_dataset(self, rows) -> list[dict[str, Any]]:
         names = self.context["label_names"]

@@ -56,6 +56,14 @@ class FeaturesStage(Stage):
         super().__init__(config)
         if config.views not in ("all", "first"):
             raise ValueError(f"views must be 'all' or 'first', got {config.views!r}")
+        if config.video_encoder:   # VideoMAE encodes clips: still images are not its input
+            self.media_kinds = frozenset({"video", "frames"})
+
+    def skip_note(self, media_kinds: set[str]) -> str | None:
+        if "image" in media_kinds and "image" not in self.media_kinds:
+            return ("VideoMAE (video_encoder) encodes clips, so still images are left out; for an image dataset "
+                    "set datasets.NAME.stages.features.video_encoder = \"\" and a clip_encoder")
+        return None
 
     def enabled(self) -> bool:
         return bool(self.config.video_encoder or self.config.clip_encoder)

@@ -1,0 +1,293 @@
+"""What a dataset's stages must do under the current config: the one place that knows, per stage and sample,
+what is done, stale, ready or blocked. The runner (dag.py), `status`, the Batch API export and the trainer's store
+resolution all ask a `DatasetPlan` instead of working it out themselves.
+
+Identity is split in two:
+- A store key hashes what applies to every sample: stage name and version, the config values that change the
+  output, the backend's identity (weights hash, prompt files) and the keys of the upstream stores. Not the index:
+  its key holds the annotation files, and one relabelled row must not re-key every vision store. Not the dataset
+  root either: a moved or copied project finds its stores.
+- Each row carries an input digest of its own inputs: the index fields the stage reads (media paths relative to
+  the root), the input digests of its upstream rows, and for a stage that learns from other samples (the
+  cross-fitted emotions baseline) what it learnt from. A stored row is current when its digest is the one the
+  current index gives; otherwise the sample is stale and counts as pending.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+
+from affectprep import schema as S
+from affectprep.config import ConfigError, DatasetConfig, ProjectConfig, build_dataclass
+from affectprep.store import Store
+
+from .datasets import DatasetAdapter, DatasetError, make_adapter
+from .stage import Stage, cache_key, config_dict, digest, file_digest
+from .stages import STAGES, stages_up_to
+
+INDEX_VERSION = 2
+# The index columns any stage may read, plus what decides whether a stage applies to a sample.
+_INDEX_COLUMNS = ("media_kind", "label")
+
+
+@dataclass
+class StagePlan:
+    stage: Stage
+    key: str
+    store: Store
+    config: dict[str, Any]      # what is written beside the output: resolved config, identity, input keys
+
+
+def stage_configs(project: ProjectConfig, ds: DatasetConfig | None = None) -> dict[str, Any]:
+    """Each stage's config dataclass, from its defaults, the project file's [stages], the dataset's own
+    [datasets.NAME.stages] (when `ds` is given) and the overrides."""
+    own = ds.stages if ds is not None else {}
+    for where, tables in (("[stages]", project.stages), (f"[datasets.{ds.name}.stages]" if ds else "", own)):
+        unknown = set(tables) - set(STAGES)
+        if unknown:
+            raise ConfigError(f"unknown stage(s) {sorted(unknown)} under {where}; known: {list(STAGES)}")
+    return {name: build_dataclass(cls.Config, {**project.stages.get(name, {}), **own.get(name, {})},
+                                  f"stages.{name}" if name not in own else f"datasets.{ds.name}.stages.{name}")
+            for name, cls in STAGES.items()}
+
+
+def index_store(project: ProjectConfig, ds: DatasetConfig) -> tuple[Store, DatasetAdapter, dict[str, Any]]:
+    """The index store for the dataset as its annotations are now: key = adapter kind, options and the contents
+    of the annotation files (named relative to the root), so a moved project finds it."""
+    try:
+        adapter = make_adapter(ds.kind, ds.root, ds.options)
+        files = adapter.annotation_files()
+    except (DatasetError, ValueError) as e:
+        raise ConfigError(f"dataset '{ds.name}': {e}") from None
+    config = {
+        "stage": "index", "version": INDEX_VERSION, "kind": ds.kind, "options": config_dict(adapter.options),
+        "annotations": {(p.relative_to(ds.root).as_posix() if p.is_relative_to(ds.root) else str(p)): file_digest(p)
+                        for p in sorted(files)},
+    }
+    return Store(project.cache, ds.name, "index", cache_key(config)), adapter, config
+
+
+def plan_stages(project: ProjectConfig, index: Store, target: str | None, configs: dict[str, Any] | None = None,
+                root: str | None = None) -> list[StagePlan]:
+    """The stages up to `target` (all when None) with their store keys. `root`: the dataset root the stages
+    resolve media paths against (not part of any key; default the project's)."""
+    ds = project.datasets.get(index.dataset)
+    configs = configs or stage_configs(project, ds)
+    root = root or (str(ds.root) if ds is not None else None)
+    keys: dict[str, str] = {}
+    meta = index.metadata()
+    label_set = meta.get("affectprep.label_set")
+    label_names = json.loads(meta.get("affectprep.label_names", "[]"))
+    context = {"cache": str(project.cache), "dataset": index.dataset, "root": root, "label_set": label_set,
+               "label_names": label_names}
+    plans = []
+    for cls in stages_up_to(target):
+        try:
+            stage = cls(configs[cls.name])
+            stage.context = dict(context)
+            if not stage.enabled():
+                if cls.name == target:
+                    raise ConfigError(f"stage '{target}' has nothing to do: {stage.disabled_reason()}")
+                continue
+            identity = stage.identity()
+        except (ValueError, ImportError, OSError) as e:
+            raise ConfigError(f"stages.{cls.name}: {e}") from None
+        config = {"stage": cls.name, "version": cls.version, "config": config_dict(stage.config),
+                  "identity": identity, "inputs": {up: keys[up] for up in cls.reads if up != "index"}}
+        if cls.needs_label:   # the label ints mean what the label set says
+            config["labels"] = {"label_set": label_set, "names": label_names}
+        keys[cls.name] = cache_key(config)
+        store = Store(project.cache, index.dataset, cls.name, keys[cls.name])
+        stage.context["store_path"] = str(store.path)
+        plans.append(StagePlan(stage, keys[cls.name], store, config))
+    return plans
+
+
+def applies_to(stage: Stage, media_kind: str, label: int | None) -> bool:
+    """Whether a stage has work for a sample of this media kind and label (-1 = none, as in AU-only data)."""
+    if not stage.reads:  # an asset built from prompts/ alone, not from samples
+        return False
+    return media_kind in stage.media_kinds and (not stage.needs_label or (label is not None and label >= 0))
+
+
+class DatasetPlan:
+    """One dataset's stages under the current config, and for each stage and sample: the input digest the current
+    index gives, the stored row, and so whether the sample is done, stale, ready or blocked.
+
+    Completion is read once per stage and kept up to date by `record()`; the expected digests of a stage that
+    learns from other samples (and of the stages after it) depend on which samples are ready, so they are
+    computed when first asked for, after the stages before have run."""
+
+    def __init__(self, project: ProjectConfig, ds: DatasetConfig, index: Store, target: str | None = None,
+                 configs: dict[str, Any] | None = None):
+        self.dataset, self.index = ds.name, index
+        self.stages = plan_stages(project, index, target, configs, root=str(ds.root))
+        self.by_name = {p.stage.name: p for p in self.stages}
+        columns = sorted({c for p in self.stages for c in p.stage.reads.get("index", ())} | set(_INDEX_COLUMNS))
+        table = index.read(["sample_id", *columns], status=S.STATUS_OK)
+        self.samples: dict[str, dict[str, Any]] = {row["sample_id"]: row for row in table.to_pylist()}
+        self._stored: dict[str, dict[str, tuple[str, str | None]]] = {}
+        self._expected: dict[str, dict[str, str | None]] = {}
+
+    # ---- which samples -----------------------------------------------------------------------------------------
+
+    def population(self, limit: int | None = None) -> list[str]:
+        """The index's usable samples in id order, the first `limit` of them."""
+        ids = sorted(self.samples)
+        return ids[:limit] if limit is not None else ids
+
+    def applies(self, plan: StagePlan, sid: str) -> bool:
+        sample = self.samples.get(sid)
+        return sample is not None and applies_to(plan.stage, sample["media_kind"], sample["label"])
+
+    def applicable(self, plan: StagePlan, population: list[str]) -> list[str]:
+        """The samples of `population` the stage has work for (an asset's rows are not samples: its stored ids)."""
+        if not plan.stage.reads:
+            return list(self.stored(plan))
+        return [sid for sid in population if self.applies(plan, sid)]
+
+    # ---- what is stored, and whether it is current -------------------------------------------------------------
+
+    def stored(self, plan: StagePlan) -> dict[str, tuple[str, str | None]]:
+        if plan.stage.name not in self._stored:
+            self._stored[plan.stage.name] = plan.store.completion()
+        return self._stored[plan.stage.name]
+
+    def status(self, plan: StagePlan, sid: str) -> str | None:
+        """"ok" / "failed" for a current row, None when the sample has no row or only a stale one."""
+        row = self.stored(plan).get(sid)
+        if row is None:
+            return None
+        if plan.stage.reads and row[1] != self.expected(plan).get(sid):
+            return None
+        return row[0]
+
+    def done(self, plan: StagePlan, population: list[str], retry_failed: bool = False) -> dict[str, str]:
+        """sample -> status of the current rows among `population` (failed ones left out with retry_failed)."""
+        out = {}
+        for sid in self.applicable(plan, population):
+            status = self.status(plan, sid)
+            if status == S.STATUS_OK or (status is not None and not retry_failed):
+                out[sid] = status
+        return out
+
+    def stale(self, plan: StagePlan, population: list[str]) -> list[str]:
+        """Samples with a stored row made from other inputs than the current ones."""
+        stored = self.stored(plan)
+        return [sid for sid in self.applicable(plan, population) if sid in stored and self.status(plan, sid) is None]
+
+    def upstream_ok(self, plan: StagePlan, sid: str) -> bool:
+        """Every stage before `plan` that applies to the sample has a current ok row for it."""
+        position = self.stages.index(plan)
+        return all(self.status(p, sid) == S.STATUS_OK for p in self.stages[:position] if self.applies(p, sid))
+
+    def record(self, plan: StagePlan, rows: list[dict[str, Any]]) -> None:
+        """Rows just written to the stage's store."""
+        stored = self.stored(plan)
+        for row in rows:
+            stored[row["sample_id"]] = (row["status"], row.get("input_digest"))
+        # What a stage after this one learns from (the samples ready for it) may have changed: its digests, and
+        # those of the stages after it, are worked out again when next asked for.
+        position = self.stages.index(plan)
+        learner = next((i for i, p in enumerate(self.stages) if i > position and p.stage.scope == "dataset"
+                        and p.stage.reads), None)
+        if learner is not None:
+            for p in self.stages[learner:]:
+                self._expected.pop(p.stage.name, None)
+
+    # ---- input digests -----------------------------------------------------------------------------------------
+
+    def expected(self, plan: StagePlan) -> dict[str, str | None]:
+        """sample -> the input digest its row must carry to be current."""
+        name = plan.stage.name
+        if name not in self._expected:
+            self._expected[name] = self._digests(plan)
+        return self._expected[name]
+
+    def _digests(self, plan: StagePlan) -> dict[str, str | None]:
+        stage = plan.stage
+        if not stage.reads:
+            return {}
+        upstream = {up: self.expected(self.by_name[up]) for up in stage.reads if up != "index"}
+        index_columns = stage.reads.get("index", ())
+        base: dict[str, str | None] = {}
+        for sid, sample in self.samples.items():
+            if not applies_to(stage, sample["media_kind"], sample["label"]):
+                continue
+            parts: list[Any] = []
+            for up in stage.reads:
+                parts.append([sample[c] for c in index_columns] if up == "index" else upstream[up].get(sid))
+            base[sid] = digest(parts)
+        if stage.scope != "dataset":
+            return base
+        # A stage that learns from other samples mixes in what it learns from: the samples ready for it.
+        ready = [{**self.samples[sid], "sample_id": sid, "input_digest": d} for sid, d in base.items()
+                 if self.upstream_ok(plan, sid)]
+        return stage.input_digests(ready)
+
+    # ---- reading inputs ----------------------------------------------------------------------------------------
+
+    def store_of(self, name: str) -> Store:
+        return self.index if name == "index" else self.by_name[name].store
+
+    def columns(self, upstream: str) -> list[str]:
+        """The columns of an upstream store that any planned stage reads (and the status)."""
+        return sorted({c for p in self.stages for c in p.stage.reads.get(upstream, ())} | {"sample_id", "status"})
+
+
+def dataset_names(project: ProjectConfig, datasets: list[str] | None) -> list[str]:
+    names = datasets or list(project.datasets)
+    missing = [n for n in names if n not in project.datasets]
+    if missing:
+        raise ConfigError(f"unknown dataset(s) {missing}; the project has {sorted(project.datasets)}")
+    if not names:
+        raise ConfigError("the project has no datasets: add one with `affectprep init KIND --root PATH`")
+    return names
+
+
+def index_counts(index: Store) -> dict[str, Any]:
+    statuses = list(index.statuses().values())
+    excluded = json.loads(index.metadata().get("affectprep.excluded", "{}"))
+    return {"ok": statuses.count(S.STATUS_OK), "failed": statuses.count(S.STATUS_FAILED), "excluded": excluded}
+
+
+# ---- status ------------------------------------------------------------------------------------------------------
+
+def describe(project: ProjectConfig, datasets: list[str] | None = None) -> list[dict[str, Any]]:
+    """Per dataset and stage, for the current config: done / failed / blocked / pending (stale rows included)
+    counts, store size and the failed samples with their errors. Reads stores only; builds and writes nothing."""
+    out = []
+    for name in dataset_names(project, datasets):
+        ds = project.datasets[name]
+        configs = stage_configs(project, ds)
+        index, _, _ = index_store(project, ds)
+        entry: dict[str, Any] = {"dataset": name, "kind": ds.kind, "root": str(ds.root), "stages": []}
+        out.append(entry)
+        if not index.exists():
+            entry["index"] = None
+            continue
+        counts = index_counts(index)
+        entry["index"] = {**counts, "key": index.key, "bytes": index.size_bytes(), "failures": _failures(index)}
+        plan = DatasetPlan(project, ds, index, None, configs)
+        population = plan.population()
+        upstream_failed: set[str] = set()
+        for stage in plan.stages:
+            applies = plan.applicable(stage, population)
+            statuses = {sid: plan.status(stage, sid) for sid in applies}
+            failed = {s for s, status in statuses.items() if status == S.STATUS_FAILED}
+            done = sum(status == S.STATUS_OK for status in statuses.values())
+            blocked = {s for s in applies if s in upstream_failed and statuses[s] is None}
+            entry["stages"].append({
+                "stage": stage.stage.name, "key": stage.key, "total": len(applies), "done": done,
+                "failed": len(failed), "blocked": len(blocked), "stale": len(plan.stale(stage, population)),
+                "pending": len(applies) - done - len(failed) - len(blocked),
+                "bytes": stage.store.size_bytes(),
+                "failures": [f for f in _failures(stage.store) if f["sample_id"] in failed] if failed else [],
+            })
+            upstream_failed |= failed | blocked
+    return out
+
+
+def _failures(store: Store) -> list[dict[str, str]]:
+    return store.read(["sample_id", "error"], status=S.STATUS_FAILED).to_pylist()
