@@ -9,6 +9,7 @@ import json
 from typing import Any
 
 from affectprep.config import ConfigError, ProjectConfig
+from affectprep.labels import LABEL_SETS
 from affectprep.labels import label_set as label_set_by_name
 from affectprep.models.runs import Sources
 from affectprep.pipeline.dag import index_store, plan_stages
@@ -48,7 +49,8 @@ def resolve_sources(project: ProjectConfig, dataset: str, *, features: bool = Fa
             inputs = {"cate": stores["texts"].key}
             stores["text_features"] = Store(project.cache, dataset, "text_features",
                                             cache_key({**text_plan.config, "inputs": inputs}))
-    if label_set_by_name(label_set).is_au:
+    # A dataset's own label set (kind = "csv") is an expression set named in its file, not one of ours.
+    if label_set in LABEL_SETS and label_set_by_name(label_set).is_au:
         au_names = label_names
         facs_ids = {"au": label_set, **({"expression": expression_set, "prior": f"{expression_set}+{label_set}"}
                                         if expression_set else {})}

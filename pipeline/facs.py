@@ -19,7 +19,9 @@ from affectprep import labels
 
 DEFAULT = Path(__file__).resolve().parents[1] / "prompts"
 
-EXPRESSION_SETS = ("basic7", "mafw11")
+# Every expression label set whose classes the table covers (AffectNet's, FER+'s and Oulu's are subsets of MAFW's
+# eleven, IEMOCAP's four too); a dataset's own label set (a CSV dataset) joins them when the table covers it.
+EXPRESSION_SETS = ("basic7", "basic6", "affectnet8", "ferplus8", "mafw11", "iemocap4")
 AU_SETS = ("bp4d12", "disfa8")
 REGIONS = ("brows", "lids", "cheeks", "nose", "lips", "chin", "jaw")
 # Prior weights of the public SSM implementation (linked expression-AU pairs, all other pairs).
@@ -103,8 +105,16 @@ def facs_asset(label_set: str, prompts_dir: Path = DEFAULT) -> FacsAsset:
 
 
 def descriptor(label_set: str, class_name: str, prompts_dir: Path = DEFAULT) -> str:
-    """GRACE's emotion-descriptor phrase for a class, e.g. ("basic7", "happy") -> "an emotion of happiness"."""
-    return _descriptor(load_tables(prompts_dir), _facs_label_set(label_set), class_name)
+    """GRACE's emotion-descriptor phrase for a class, e.g. ("basic7", "happy") -> "an emotion of happiness".
+
+    The phrase needs no FACS knowledge, only the class's word: a dataset's own label set (kind = "csv", classes
+    named in its file) gets it too, with the table's word where the table has the class and the class name as
+    written otherwise ("an emotion of boredom"; a choice: GRACE's template is "an emotion of [class]")."""
+    tables = load_tables(prompts_dir)
+    if label_set not in labels.LABEL_SETS:
+        return tables.phrases["descriptor"].format(word=tables.expressions[class_name].word
+                                                   if class_name in tables.expressions else class_name)
+    return _descriptor(tables, labels.label_set(label_set), class_name)
 
 
 def prior_matrix(expression_set: str, au_set: str, *, linked: float = PRIOR_LINKED, other: float = PRIOR_OTHER,
@@ -126,23 +136,31 @@ def source_files(prompts_dir: Path = DEFAULT) -> list[Path]:
     return [Path(prompts_dir) / f for f in (_AU_FILE, _EXPRESSION_FILE, _PHRASE_FILE)]
 
 
-def asset_rows(prompts_dir: Path = DEFAULT) -> list[dict]:
+def asset_rows(prompts_dir: Path = DEFAULT, dataset_set: labels.LabelSet | None = None) -> list[dict]:
     """The whole asset as rows with the same keys: one "texts" row per label set, then one "prior" row per
     expression x AU pairing (names = the K expression names, au_names = the M AU names; prior with
-    PRIOR_LINKED / PRIOR_OTHER and prior_normalised, both K x M). Keys a row kind does not use hold empty lists."""
+    PRIOR_LINKED / PRIOR_OTHER and prior_normalised, both K x M). Keys a row kind does not use hold empty lists.
+
+    dataset_set: a dataset's own expression label set (a CSV dataset's); it gets rows too when the table has a row
+    for each of its classes."""
     tables = load_tables(prompts_dir)
+    expression_sets = [labels.label_set(n) for n in EXPRESSION_SETS]
+    if (dataset_set is not None and dataset_set.name not in labels.LABEL_SETS and not dataset_set.is_au
+            and all(n in tables.expressions for n in dataset_set.names)):
+        expression_sets.append(dataset_set)
     rows = []
-    for set_name in EXPRESSION_SETS + AU_SETS:
-        set_labels = labels.label_set(set_name)
+    for set_labels in expression_sets + [labels.label_set(n) for n in AU_SETS]:
+        set_name = set_labels.name
         asset = _asset(tables, set_labels)
         descriptors = [] if set_labels.is_au else [_descriptor(tables, set_labels, n) for n in asset.names]
         rows.append(_row(set_name, "texts", set_name, None, list(asset.names), [],
                          texts=list(asset.texts), words=list(asset.words), standalone=list(asset.standalone),
                          compound=list(asset.compound), descriptors=descriptors,
                          au_ids=[list(ids) for ids in asset.au_ids]))
-    for expression_set in EXPRESSION_SETS:
+    for expressions in expression_sets:
+        expression_set = expressions.name
         for au_set in AU_SETS:
-            expressions, aus = labels.label_set(expression_set), labels.label_set(au_set)
+            aus = labels.label_set(au_set)
             prior, normalised = (_prior(tables, expressions, aus, PRIOR_LINKED, PRIOR_OTHER, normalise).tolist()
                                  for normalise in (False, True))
             rows.append(_row(f"{expression_set}+{au_set}", "prior", expression_set, au_set,

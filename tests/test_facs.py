@@ -55,6 +55,20 @@ def test_au_rows_carry_muscle_and_region():
     assert tables.aus[1].region == "brows" and tables.aus[26].region == "jaw"
 
 
+def test_every_expression_label_set_has_an_asset_and_a_dataset_set_joins_when_covered():
+    for name in ("basic6", "affectnet8", "ferplus8", "iemocap4"):
+        assert facs.facs_asset(name).names == labels.label_set(name).names
+    covered = labels.LabelSet("csv", ("sad", "happy"))
+    rows = {r["asset_id"]: r for r in facs.asset_rows(dataset_set=covered)}
+    assert rows["csv"]["descriptors"] == ["an emotion of sadness", "an emotion of happiness"]
+    assert np.array(rows["csv+bp4d12"]["prior"]).shape == (2, 12)
+    uncovered = labels.LabelSet("csv", ("bored", "happy"))
+    assert "csv" not in {r["asset_id"] for r in facs.asset_rows(dataset_set=uncovered)}
+    # the descriptor phrase needs only the class word: a dataset's own names get it as written
+    assert facs.descriptor("csv", "bored") == "an emotion of bored"
+    assert facs.descriptor("csv", "happy") == "an emotion of happiness"
+
+
 def test_descriptor_phrases_are_grace_wording():
     assert facs.descriptor("basic7", "happy") == "an emotion of happiness"
     assert facs.descriptor("mafw11", "helplessness") == "an emotion of helplessness"
@@ -96,14 +110,14 @@ def test_prior_weights_are_parameters():
     np.testing.assert_allclose(rows.sum(axis=1), 1.0, rtol=1e-6)
     with pytest.raises(ValueError, match="expression set"):
         facs.prior_matrix("bp4d12", "basic7")
-    with pytest.raises(KeyError, match="iemocap4"):
-        facs.facs_asset("iemocap4")
+    with pytest.raises(KeyError, match="mafw43"):
+        facs.facs_asset("mafw43")       # compound classes have no single FACS composition
 
 
 def test_asset_rows_cover_every_set_and_pairing_and_write_to_parquet(tmp_path):
     rows = facs.asset_rows()
     assert [r["asset_id"] for r in rows] == [*facs.EXPRESSION_SETS, *facs.AU_SETS,
-                                             *(f"{e}+{a}" for e, a in PAIRINGS)]
+                                             *(f"{e}+{a}" for e in facs.EXPRESSION_SETS for a in facs.AU_SETS)]
     texts = {r["asset_id"]: r for r in rows if r["kind"] == "texts"}
     assert texts["basic7"]["descriptors"][0] == "an emotion of happiness"
     assert texts["bp4d12"]["descriptors"] == []
@@ -159,7 +173,7 @@ def test_missing_rows_and_files_are_named(prompts_copy):
     expressions = prompts_copy / "facs" / "expressions.csv"
     expressions.write_text("\n".join(line for line in expressions.read_text().splitlines()
                                      if not line.startswith("contempt,")))
-    with pytest.raises(facs.FacsTableError, match="no row for contempt .*mafw11"):
+    with pytest.raises(facs.FacsTableError, match="no row for contempt .*(affectnet8|mafw11)"):
         facs.facs_asset("basic7", prompts_copy)
     (prompts_copy / "facs" / "phrases.txt").unlink()
     with pytest.raises(facs.FacsTableError, match="missing FACS source file .*phrases.txt"):

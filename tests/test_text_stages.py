@@ -9,6 +9,7 @@ import sys
 import pytest
 
 from affectprep.config import DatasetConfig, ProjectConfig, load_project, write_project
+from affectprep.pipeline import facs
 from affectprep.pipeline.dag import describe, ensure_index, plan_stages, run_pipeline
 from affectprep.pipeline.demo import make_demo_dataset
 from affectprep.pipeline.text_versions import text_versions
@@ -215,6 +216,7 @@ def test_batch_api_round_trip(project, tmp_path):
 
 def test_status_counts_labelled_stages_and_assets(project):
     info = {s["stage"]: s for s in describe(project)[0]["stages"]}
-    assert info["facs"]["total"] == info["facs"]["done"] == 8 and info["facs"]["pending"] == 0
+    assets = len(facs.EXPRESSION_SETS) + len(facs.AU_SETS) + len(facs.EXPRESSION_SETS) * len(facs.AU_SETS)
+    assert info["facs"]["total"] == info["facs"]["done"] == assets and info["facs"]["pending"] == 0
     assert info["emotions"]["total"] == info["cate"]["total"] == 21
     assert all(s["pending"] == 0 for s in info.values())

@@ -1,8 +1,9 @@
 """Any other dataset, described by one CSV: columns `path,label,split`, optional `subject` and `fold`.
 
 Paths are relative to the dataset root; the media kind follows from the path (a folder = frames; video, image and
-audio by extension). Labels are names; the label set is option `labels` (the canonical order, which a model's output
-index follows) or, when empty, the sorted unique names of the file. `split` is train/val/test or empty; `fold` an
+audio by extension). Labels are names, case-insensitive (lower-cased like every canonical name); the label set is
+option `labels` (the canonical order, which a model's output index follows) or, when empty, the sorted unique names
+of the file. `split` is train/val/test or empty; `fold` an
 integer >= 1 or empty (0 = no folds). sample_id = the path as written.
 """
 from __future__ import annotations
@@ -49,8 +50,15 @@ class CSVDataset(DatasetAdapter):
         return header, lines[1:]
 
     def labels(self) -> LabelSet:
+        """Label names are case-insensitive ("Happy" and "happy" are one class), lower-cased as every canonical
+        name is."""
         if self.options.labels:
-            return LabelSet("csv", tuple(self.options.labels))
+            names = tuple(name.strip().lower() for name in self.options.labels)
+            repeated = sorted({n for n in names if names.count(n) > 1})
+            if repeated:
+                raise DatasetError(f"csv: option labels names {', '.join(repeated)} more than once (names are "
+                                   f"case-insensitive)")
+            return LabelSet("csv", names)
         header, records = self.records()
         column = header.index("label")
         names = set()
@@ -60,7 +68,7 @@ class CSVDataset(DatasetAdapter):
             except BadSample:
                 continue        # that row fails on its own
             if len(fields) == len(header) and fields[column].strip():
-                names.add(fields[column].strip())
+                names.add(fields[column].strip().lower())
         return LabelSet("csv", tuple(sorted(names)))
 
     def rows(self) -> Iterator[dict[str, Any]]:
@@ -87,7 +95,8 @@ class CSVDataset(DatasetAdapter):
         if not relative:
             raise BadSample("empty path")
         sample_id = self.claim(PurePosixPath(relative).as_posix(), path, line, known)
-        label = labels.index(values["label"]) if values["label"] in labels.names else None
+        name = values["label"].lower()
+        label = labels.names.index(name) if name in labels.names else None
         if label is None:
             raise BadSample(f"unknown label '{values['label']}' (expected one of {', '.join(labels.names)})")
         media = self.inside(self.root, relative)
