@@ -131,6 +131,9 @@ def status(config: ConfigOpt = Path(DEFAULT_CONFIG_FILE), cache: CacheOpt = None
                        f"blocked {s['blocked']:>5}  pending {s['pending']:>5}{stale}  {_size(s['bytes']):>9}  "
                        f"key {s['key']}")
             _echo_failures(s["failures"], errors)
+            if s["warnings"]:
+                typer.echo(f"    {len(s['warnings'])} ok with a warning:")
+                _echo_failures([{"sample_id": w["sample_id"], "error": w["warning"]} for w in s["warnings"]], errors)
 
 
 @app.command()

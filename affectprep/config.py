@@ -149,7 +149,10 @@ def build_dataclass(cls: type, raw: dict[str, Any], where: str) -> Any:
     values = {}
     for key, value in raw.items():
         values[key] = _coerce(value, hints[key], f"{where}.{key}")
-    return cls(**values)
+    try:
+        return cls(**values)
+    except ValueError as e:   # the dataclass's own checks (a range, a combination of options)
+        raise ConfigError(f"{where}: {e}") from None
 
 
 def _coerce(value: Any, hint: Any, where: str) -> Any:

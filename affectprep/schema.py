@@ -23,6 +23,9 @@ _STATUS_FIELDS = [
     # Store keys hold only what applies to every sample (stage, config, backend, upstream keys); a stored row
     # whose digest is not the one the current annotations give is stale, and its sample is redone.
     pa.field("input_digest", pa.string()),
+    # An ok row the stage has doubts about (a video shorter than its container says): kept, counted and listed
+    # by `status`, never silent.
+    pa.field("warning", pa.string()),
 ]
 
 

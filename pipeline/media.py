@@ -27,6 +27,15 @@ class MediaInfo:
     width: int
     height: int
     decoder: str   # "decord" | "pyav" | "folder" | "image"
+    stated_frames: int | None = None   # what the container's header says (frame count, or duration x rate)
+
+    @property
+    def truncated(self) -> bool:
+        """Fewer frames than the container states: a cut-off download or a damaged file. Durations are rounded
+        by muxers, so a couple of frames (or 2%) short is not counted."""
+        if not self.stated_frames:
+            return False
+        return self.num_frames < self.stated_frames - max(2, round(0.02 * self.stated_frames))
 
 
 def frame_images(folder: Path) -> list[Path]:
@@ -60,14 +69,19 @@ def probe(path: Path, kind: str, decoder: str = "auto") -> MediaInfo:
             if not container.streams.video:
                 raise MediaError(f"{path.name} has no video stream")
             stream = container.streams.video[0]
-            num = stream.frames or sum(1 for p in container.demux(stream) if p.size)
             fps = float(stream.average_rate or stream.guessed_rate or 0)
             width, height = stream.codec_context.width, stream.codec_context.height
+            duration = (float(stream.duration * stream.time_base) if stream.duration and stream.time_base
+                        else float(container.duration) / av.time_base if container.duration else 0.0)
+            stated = stream.frames or (round(duration * fps) if duration and fps else None)
+            # The packets are what is really there: a header (MKV's duration, MP4's frame count) survives a
+            # truncation that removes the frames it counts.
+            num = sum(1 for p in container.demux(stream) if p.size)
     except av.FFmpegError as e:
         raise MediaError(f"unreadable video {path.name}: {_ffmpeg_reason(e)}") from None
     if num == 0 or width == 0:
         raise MediaError(f"video {path.name} has no decodable frames")
-    return MediaInfo(num, fps, width, height, _video_decoder(decoder))
+    return MediaInfo(num, fps, width, height, _video_decoder(decoder), stated)
 
 
 def read_frames(path: Path, kind: str, indices: Sequence[int], decoder: str = "auto") -> np.ndarray:

@@ -284,6 +284,7 @@ def describe(project: ProjectConfig, datasets: list[str] | None = None) -> list[
                 "pending": len(applies) - done - len(failed) - len(blocked),
                 "bytes": stage.store.size_bytes(),
                 "failures": [f for f in _failures(stage.store) if f["sample_id"] in failed] if failed else [],
+                "warnings": [w for w in _warnings(stage.store) if statuses.get(w["sample_id"]) == S.STATUS_OK],
             })
             upstream_failed |= failed | blocked
     return out
@@ -291,3 +292,9 @@ def describe(project: ProjectConfig, datasets: list[str] | None = None) -> list[
 
 def _failures(store: Store) -> list[dict[str, str]]:
     return store.read(["sample_id", "error"], status=S.STATUS_FAILED).to_pylist()
+
+
+def _warnings(store: Store) -> list[dict[str, str]]:
+    """The ok rows a stage flagged (sample_id, warning)."""
+    table = store.read(["sample_id", "warning"], status=S.STATUS_OK)
+    return [row for row in table.to_pylist() if row["warning"]]

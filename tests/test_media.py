@@ -73,3 +73,23 @@ def test_empty_folder_and_unreadable_image(tmp_path):
         probe(bad, "image")
     with pytest.raises(MediaError, match="no frames"):
         probe(bad, "audio")
+
+
+def test_a_truncated_mkv_is_flagged_or_failed(tmp_path):
+    from affectprep.pipeline.stage import SampleError
+    from affectprep.pipeline.stages.frames import FramesConfig, FramesStage
+
+    whole = face_clip(tmp_path / "whole.mkv", num_frames=120)
+    data = whole.read_bytes()
+    cut = tmp_path / "cut.mkv"
+    cut.write_bytes(data[: len(data) // 2])
+    assert not probe(whole, "video").truncated
+    info = probe(cut, "video")
+    assert info.stated_frames == 120 and 0 < info.num_frames < 100 and info.truncated
+    row = {"sample_id": "cut", "media_path": str(cut), "media_kind": "video", "frame_start": 0, "frame_end": -1}
+    flagged = FramesStage(FramesConfig()).process_one(row)
+    assert f"{info.num_frames} of the 120 frames" in flagged["warning"]
+    assert max(flagged["frame_indices"]) < info.num_frames          # sampled from what is there
+    assert FramesStage(FramesConfig()).process_one({**row, "media_path": str(whole)})["warning"] is None
+    with pytest.raises(SampleError, match="truncated"):
+        FramesStage(FramesConfig(truncated="fail")).process_one(row)

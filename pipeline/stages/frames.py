@@ -17,6 +17,12 @@ class FramesConfig:
     stride: int = 4                                                # only for method = "stride"
     views: int = 1                                                 # temporal views for multi-view testing
     decoder: Literal["auto", "decord", "pyav"] = "auto"
+    truncated: Literal["flag", "fail"] = "flag"                   # a video shorter than its container states
+
+    def __post_init__(self) -> None:
+        if self.num_frames < 1 or self.views < 1 or self.stride < 1:
+            raise ValueError(f"num_frames, views and stride must be at least 1, got num_frames={self.num_frames}, "
+                             f"views={self.views}, stride={self.stride}")
 
 
 class FramesStage(Stage):
@@ -43,7 +49,15 @@ class FramesStage(Stage):
             except ValueError as e:
                 raise SampleError(str(e)) from None
             per_view = c.num_frames
+        warning = None
+        if info.truncated:
+            message = (f"truncated or damaged video: {info.num_frames} of the {info.stated_frames} frames its "
+                       f"container states are there")
+            if c.truncated == "fail":
+                raise SampleError(message)
+            warning = message + "; sampled from what is there (frames.truncated = \"fail\" fails it instead)"
         return {
+            "warning": warning,
             "frame_indices": [i for view in views for i in view],
             "num_views": len(views),
             "frames_per_view": per_view,
