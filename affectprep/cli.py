@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import errno
 import json
 import sys
 from pathlib import Path
@@ -18,6 +19,7 @@ app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_
 
 EXIT_FAILED_SAMPLES = 3
 EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130   # as a shell reports a command ended by Ctrl-C
 
 ConfigOpt = Annotated[Path, typer.Option("--config", "-c", help="Project file.")]
 CacheOpt = Annotated[Optional[Path], typer.Option(help="Store root (default: the project's cache).")]
@@ -27,7 +29,7 @@ DatasetOpt = Annotated[Optional[list[str]], typer.Option("--dataset", "-d", help
 @app.command()
 def demo(out: Annotated[Path, typer.Option(help="Folder for the demo dataset, project file and cache.")] = Path("demo"),
          clips: Annotated[int, typer.Option(min=7, help="Number of clips (balanced over the 7 classes).")] = 70,
-         workers: Annotated[Optional[int], typer.Option(help="Local Dask workers (default: CPU count).")] = None,
+         workers: Annotated[Optional[int], typer.Option(min=1, help="Local Dask workers (default: CPU count).")] = None,
          seed: int = 0) -> None:
     """Generate a demo dataset in DFEW's layout from a real face photo, then run every stage offline."""
     from affectprep.pipeline.demo import make_demo_dataset
@@ -48,8 +50,12 @@ def demo(out: Annotated[Path, typer.Option(help="Folder for the demo dataset, pr
     _run_and_exit(project, None, None, workers=workers)
 
 
+DATASET_KINDS = ("dfew", "ferv39k", "mafw", "bp4d", "disfa", "iemocap", "csv", "rafdb", "affectnet", "ferplus",
+                 "oulu", "nvie")   # the registered adapters (a test keeps this in step with them)
+
+
 @app.command()
-def init(kind: Annotated[str, typer.Argument(help="dfew, ferv39k, mafw, bp4d, disfa, iemocap or csv.")],
+def init(kind: Annotated[str, typer.Argument(help=f"The dataset's kind: {', '.join(DATASET_KINDS)}.")],
          root: Annotated[Path, typer.Option(help="The dataset's root folder, in its official layout.")],
          name: Annotated[Optional[str], typer.Option(help="Dataset name in the project (default: KIND).")] = None,
          config: ConfigOpt = Path(DEFAULT_CONFIG_FILE)) -> None:
@@ -80,8 +86,8 @@ def run(stage: Annotated[Optional[str], typer.Option(help="Run up to and includi
         cache: CacheOpt = None,
         scheduler: Annotated[Optional[str], typer.Option(
             help="tcp://HOST:PORT of a dask.distributed scheduler, or 'inline' (this process, for debugging).")] = None,
-        workers: Annotated[Optional[int], typer.Option(help="Local Dask workers (default: CPU count).")] = None,
-        limit: Annotated[Optional[int], typer.Option(help="Only the first N samples of each dataset.")] = None,
+        workers: Annotated[Optional[int], typer.Option(min=1, help="Local Dask workers (default: CPU count).")] = None,
+        limit: Annotated[Optional[int], typer.Option(min=1, help="Only the first N samples of each dataset.")] = None,
         set_: Annotated[Optional[list[str]], typer.Option("--set", help="Override an option: STAGE.OPTION=VALUE.")] = None,
         llm: Annotated[Optional[str], typer.Option(
             help="CATE rewriter: openai:<model>, t5:<path-or-id> or template. A new text version; vision is kept.")] = None,
@@ -98,8 +104,21 @@ def run(stage: Annotated[Optional[str], typer.Option(help="Run up to and includi
     overrides += [f'captions.captioner="{captioner}"'] if captioner else []
     overrides += [f'{stage}.base_url="{base_url}"' for stage in ("captions", "cate")] if base_url else []
     project = load_project(config, overrides, cache)
+    if quiet:
+        _quiet_model_loading()
     _run_and_exit(project, stage, dataset, scheduler=scheduler, workers=workers, limit=limit,
                   retry_failed=retry_failed, batch_size=batch_size, progress=not quiet)
+
+
+def _quiet_model_loading() -> None:
+    """No transformers weight-loading bars, load reports or warnings: in this process, and in the local workers
+    it starts (which inherit the environment)."""
+    import os
+    os.environ["TRANSFORMERS_VERBOSITY"] = "error"
+    os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
+    if "transformers" in sys.modules:
+        sys.modules["transformers"].logging.set_verbosity_error()
+        sys.modules["transformers"].logging.disable_progress_bar()
 
 
 @app.command()
@@ -125,12 +144,14 @@ def status(config: ConfigOpt = Path(DEFAULT_CONFIG_FILE), cache: CacheOpt = None
         typer.echo(f"  {'index':8} ok {index['ok']:>7}  failed {index['failed']:>5}"
                    + (f"  excluded by protocol {excluded}" if excluded else ""))
         _echo_failures(index["failures"], errors)
+        _echo_corrupt(index["corrupt_parts"])
         for s in entry["stages"]:
             stale = f" (stale {s['stale']})" if s["stale"] else ""
             typer.echo(f"  {s['stage']:8} done {s['done']:>5}/{s['total']:<5} failed {s['failed']:>5}  "
                        f"blocked {s['blocked']:>5}  pending {s['pending']:>5}{stale}  {_size(s['bytes']):>9}  "
                        f"key {s['key']}")
             _echo_failures(s["failures"], errors)
+            _echo_corrupt(s["corrupt_parts"])
             if s["warnings"]:
                 typer.echo(f"    {len(s['warnings'])} ok with a warning:")
                 _echo_failures([{"sample_id": w["sample_id"], "error": w["warning"]} for w in s["warnings"]], errors)
@@ -356,6 +377,11 @@ def explain(run_dir: RunArg, sample: Annotated[str, typer.Argument(help="A sampl
         typer.echo(f"written: {path}")
 
 
+def _echo_corrupt(parts: list[str]) -> None:
+    for part in parts:
+        typer.echo(f"      corrupt part moved aside (its samples are redone by the next run): {part}")
+
+
 def _echo_failures(failures: list[dict], limit: int) -> None:
     for f in failures[:limit]:
         typer.echo(f"      {f['sample_id']}: {f['error']}")
@@ -366,7 +392,12 @@ def _echo_failures(failures: list[dict], limit: int) -> None:
 def _run_and_exit(project: ProjectConfig, stage: str | None, datasets: list[str] | None, **options) -> None:
     from affectprep.pipeline.dag import run_pipeline
 
-    report = run_pipeline(project, stage, datasets, **options)
+    try:
+        report = run_pipeline(project, stage, datasets, **options)
+    except KeyboardInterrupt:   # (typer would end with 130 and no word)
+        typer.echo("affectprep: interrupted; every sample already written is kept, run the same command again "
+                   "to go on", err=True)
+        raise typer.Exit(EXIT_INTERRUPTED) from None
     typer.echo(f"\n{'dataset':12} {'stage':8} {'total':>7} {'before':>7} {'new ok':>7} {'failed':>7} {'blocked':>7}")
     for name, counts in report.index.items():
         typer.echo(f"{name:12} {'index':8} {counts['ok'] + counts['failed']:>7} {'':>7} {counts['ok']:>7} "
@@ -378,6 +409,9 @@ def _run_and_exit(project: ProjectConfig, stage: str | None, datasets: list[str]
             continue
         typer.echo(f"{s.dataset:12} {s.stage:8} {s.total:>7} {s.done_before:>7} {s.ok:>7} {s.failed_total:>7} "
                    f"{s.blocked:>7}")
+    from affectprep.store import QUARANTINED
+    for part, reason in QUARANTINED:
+        typer.echo(f"corrupt part moved aside, its samples were redone: {part} ({reason})")
     if report.failed:
         typer.echo(f"\n{report.failed} sample(s) failed; `affectprep status` lists them with their errors.")
         raise typer.Exit(EXIT_FAILED_SAMPLES)
@@ -402,6 +436,15 @@ def main() -> None:
         app()
     except (ConfigError, StoreLocked, SchemaMismatch) as e:
         print(f"affectprep: error: {e}", file=sys.stderr)
+        sys.exit(EXIT_USAGE)
+    except OSError as e:   # the disk is full, the cache is read-only, a folder is not ours to write
+        where = f" ({e.filename})" if e.filename else ""
+        advice = {errno.ENOSPC: "free some space and run the command again (work already written is kept)",
+                  errno.EROFS: "the file system is read-only: point --cache or [project] cache elsewhere",
+                  errno.EACCES: "no permission: check who owns it, or point --cache elsewhere",
+                  errno.EDQUOT: "the disk quota is exceeded: free some space and run the command again"}
+        print(f"affectprep: error: {e.strerror or e}{where}; "
+              f"{advice.get(e.errno, 'fix that and run the command again')}", file=sys.stderr)
         sys.exit(EXIT_USAGE)
 
 

@@ -29,6 +29,11 @@ import pyarrow.parquet as pq
 from affectprep import schema as S
 
 
+CORRUPT_SUFFIX = ".corrupt"
+# Parts this process quarantined, (new path, reason), for the command to report at its end.
+QUARANTINED: list[tuple[Path, str]] = []
+
+
 class StoreLocked(Exception):
     """Another run is writing this store."""
 
@@ -62,17 +67,28 @@ class Store:
                 raise StoreLocked(f"{self} is being written by {holder}; wait for that run to finish") from None
             os.ftruncate(fd, 0)
             os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}".encode(), 0)
+            self._remove_orphans()
             yield
         finally:
             os.close(fd)
+
+    def _remove_orphans(self) -> None:
+        """Temporary files of a writer that was killed before its rename. Only the lock holder writes here, so
+        whatever temporary file exists when the lock is taken belongs to no one."""
+        for tmp in self.path.glob(".*.tmp"):
+            tmp.unlink(missing_ok=True)
 
     def write_config(self, config: dict[str, Any]) -> None:
         self.path.mkdir(parents=True, exist_ok=True)
         _atomic_write_bytes(self.path / "config.json", json.dumps(config, indent=2, sort_keys=True).encode())
 
     def read_config(self) -> dict[str, Any] | None:
-        p = self.path / "config.json"
-        return json.loads(p.read_text()) if p.exists() else None
+        """What config.json says; None when it is missing or unreadable (a truncated copy): it is a record of what
+        made the store, written again by every run that writes the store, never needed to read the rows."""
+        try:
+            return json.loads((self.path / "config.json").read_text())
+        except (FileNotFoundError, json.JSONDecodeError, UnicodeDecodeError):
+            return None
 
     def write(self, rows: list[dict[str, Any]] | pa.Table, metadata: dict[str, str] | None = None) -> Path | None:
         """Append rows as one new part file, atomically. Returns its path (None for no rows)."""
@@ -100,13 +116,13 @@ class Store:
             return 0
         name = f"part-{time.time_ns():020d}-{os.getpid()}-{uuid.uuid4().hex[:8]}.parquet"
         tmp = self.path / f".{name}.tmp"
-        metadata = pq.read_schema(parts[-1]).metadata
+        metadata = {k.encode(): v.encode() for k, v in self.metadata().items()}
         with pq.ParquetWriter(tmp, self.schema.with_metadata(metadata), compression="zstd") as writer:
             for table in self.iter_tables():
                 writer.write_table(table.cast(self.schema.with_metadata(metadata)))
         _fsync_and_rename(tmp, self.path / name)
         for part in parts:
-            part.unlink()
+            part.unlink(missing_ok=True)   # a corrupt part was moved aside while reading
         self._winners = ((), {})
         return len(parts)
 
@@ -123,11 +139,11 @@ class Store:
 
     def metadata(self) -> dict[str, str]:
         """Key/value metadata of the newest part (the adapters put the label set and exclusions here)."""
-        parts = self.parts()
-        if not parts:
-            return {}
-        meta = pq.read_schema(parts[-1]).metadata or {}
-        return {k.decode(): v.decode() for k, v in meta.items()}
+        for part in reversed(self.parts()):
+            schema = self._read_schema(part)
+            if schema is not None:
+                return {k.decode(): v.decode() for k, v in (schema.metadata or {}).items()}
+        return {}
 
     def statuses(self) -> dict[str, str]:
         """sample_id -> status of its newest row. Reads only two small columns."""
@@ -138,6 +154,8 @@ class Store:
         out: dict[str, tuple[str, str | None]] = {}
         for part in self.parts():
             t = self._read_part(part, ["sample_id", "status", "input_digest"])
+            if t is None:
+                continue
             out.update(zip(t.column("sample_id").to_pylist(),
                            zip(t.column("status").to_pylist(), t.column("input_digest").to_pylist())))
         return out
@@ -159,6 +177,8 @@ class Store:
         read_cols = list(dict.fromkeys(["sample_id", "status", *cols]))
         for i in sorted(needed):
             t = self._read_part(parts[i], read_cols)
+            if t is None:
+                continue
             keep = [winner[sid] == i and (wanted is None or sid in wanted)
                     for sid in t.column("sample_id").to_pylist()]
             t = t.filter(pa.array(keep, pa.bool_()))
@@ -178,18 +198,52 @@ class Store:
         if parts[:len(cached_parts)] != cached_parts:
             cached_parts, winner = (), {}
         for i in range(len(cached_parts), len(parts)):
-            for sid in self._read_part(parts[i], ["sample_id"]).column("sample_id").to_pylist():
+            table = self._read_part(parts[i], ["sample_id"])
+            if table is None:   # quarantined: the part positions changed
+                self._winners = ((), {})
+                return self._winning_parts()
+            for sid in table.column("sample_id").to_pylist():
                 winner[sid] = i
         self._winners = (parts, winner)
         return parts, winner
 
-    def _read_part(self, part: Path, columns: list[str]) -> pa.Table:
-        table = pq.read_table(part, columns=columns)
-        version = (pq.read_schema(part).metadata or {}).get(b"affectprep.schema_version", b"?").decode()
+    def _read_part(self, part: Path, columns: list[str]) -> pa.Table | None:
+        """The part's columns; None for a part that is not readable Parquet (quarantined on the spot)."""
+        schema = self._read_schema(part)
+        if schema is None:
+            return None
+        version = (schema.metadata or {}).get(b"affectprep.schema_version", b"?").decode()
         if version != str(S.SCHEMA_VERSION):
             raise SchemaMismatch(f"{part} has schema version {version}, this affectprep reads {S.SCHEMA_VERSION}; "
                                  f"rerun the stage or delete {self.path}")
-        return table
+        try:
+            return pq.read_table(part, columns=columns)
+        except pa.ArrowInvalid as e:
+            self._quarantine(part, e)
+            return None
+
+    def _read_schema(self, part: Path) -> pa.Schema | None:
+        try:
+            return pq.read_schema(part)
+        except pa.ArrowInvalid as e:
+            self._quarantine(part, e)
+            return None
+
+    def _quarantine(self, part: Path, error: Exception) -> None:
+        """A part that is not Parquet (a zero-byte file, garbage, a copy cut short) is moved aside as
+        `<name>.corrupt`, so the store reads as if it were not there and its samples are done again; the other
+        parts, and the work in them, are kept. `corrupt_parts()` lists what was moved."""
+        target = part.with_name(part.name + CORRUPT_SUFFIX)
+        try:
+            os.replace(part, target)
+        except FileNotFoundError:   # another reader moved it first
+            pass
+        reason = str(error).splitlines()[0][:200]
+        QUARANTINED.append((target, reason))
+
+    def corrupt_parts(self) -> list[Path]:
+        """Parts moved aside because they could not be read (see `_quarantine`)."""
+        return sorted(self.path.glob(f"part-*{CORRUPT_SUFFIX}")) if self.path.is_dir() else []
 
 
 def list_keys(cache: Path, dataset: str, stage: str) -> list[str]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import sys
 import threading
 from collections import deque
@@ -212,6 +213,23 @@ class _InlineAsCompleted:
             yield self.queue.popleft()
 
 
+def _main_thread() -> bool:
+    return threading.current_thread() is threading.main_thread()
+
+
+SCHEDULER_PROTOCOLS = ("tcp", "tls", "inproc", "ucx", "ws", "wss")
+
+
+def check_scheduler(scheduler: str | None) -> None:
+    """A scheduler address is 'inline' or PROTOCOL://HOST:PORT of a dask.distributed scheduler."""
+    if scheduler in (None, "inline"):
+        return
+    protocol, sep, rest = scheduler.partition("://")
+    if not sep or protocol not in SCHEDULER_PROTOCOLS or not rest:
+        raise ConfigError(f"--scheduler {scheduler!r}: expected 'inline' or the address of a dask.distributed "
+                          f"scheduler, e.g. tcp://host:8786 ({', '.join(p + '://' for p in SCHEDULER_PROTOCOLS)})")
+
+
 def _connect(scheduler: str | None, workers: int, stack: ExitStack) -> tuple[Any, Callable[[], Any], int]:
     if scheduler == "inline":
         return _InlineClient(), _InlineAsCompleted, 1
@@ -219,13 +237,20 @@ def _connect(scheduler: str | None, workers: int, stack: ExitStack) -> tuple[Any
     if scheduler:
         try:
             client = stack.enter_context(Client(scheduler, timeout="20s"))
-        except OSError as e:
+        except (OSError, ValueError, TimeoutError) as e:
             raise ConfigError(f"cannot reach the Dask scheduler at {scheduler}: {e}") from None
         nworkers = max(1, len(client.scheduler_info().get("workers", {})))
     else:
         nworkers = workers
-        cluster = stack.enter_context(LocalCluster(n_workers=workers, threads_per_worker=1, processes=True,
-                                                   dashboard_address=None, silence_logs=40))
+        # Ctrl-C is the client's to handle: it stops the run and the cluster. The worker processes start with
+        # SIGINT ignored (inherited), so they do not each print a KeyboardInterrupt traceback on the way down.
+        previous = signal.signal(signal.SIGINT, signal.SIG_IGN) if _main_thread() else None
+        try:
+            cluster = stack.enter_context(LocalCluster(n_workers=workers, threads_per_worker=1, processes=True,
+                                                       dashboard_address=None, silence_logs=40))
+        finally:
+            if previous is not None:
+                signal.signal(signal.SIGINT, previous)
         client = stack.enter_context(Client(cluster))
     return client, as_completed, nworkers
 
@@ -257,8 +282,9 @@ def _segments(plans: list[StagePlan]) -> list[list[StagePlan]]:
 def run_pipeline(project: ProjectConfig, target: str | None = None, datasets: list[str] | None = None, *,
                  scheduler: str | None = None, workers: int | None = None, limit: int | None = None,
                  batch_size: int = 4, retry_failed: bool = False, progress: bool = True) -> RunReport:
-    if target is not None and target not in STAGES:
-        raise ConfigError(f"unknown stage '{target}'; stages: {', '.join(STAGES)}")
+    if target is not None and target not in STAGES and target != "index":
+        raise ConfigError(f"unknown stage '{target}'; stages: index, {', '.join(STAGES)}")
+    check_scheduler(scheduler)
     names = dataset_names(project, datasets)
     configs = {name: stage_configs(project, project.datasets[name]) for name in names}   # all checked first
     report = RunReport()
@@ -268,6 +294,8 @@ def run_pipeline(project: ProjectConfig, target: str | None = None, datasets: li
             ds = project.datasets[name]
             index = ensure_index(project, ds)
             report.index[name] = index_counts(index)
+            if target == "index":   # the annotations read, nothing else
+                continue
             report.stages += runner.run_dataset(DatasetPlan(project, ds, index, target, configs[name]), limit)
     return report
 

@@ -268,7 +268,8 @@ def describe(project: ProjectConfig, datasets: list[str] | None = None) -> list[
             entry["index"] = None
             continue
         counts = index_counts(index)
-        entry["index"] = {**counts, "key": index.key, "bytes": index.size_bytes(), "failures": _failures(index)}
+        entry["index"] = {**counts, "key": index.key, "bytes": index.size_bytes(), "failures": _failures(index),
+                          "corrupt_parts": [str(p) for p in index.corrupt_parts()]}
         plan = DatasetPlan(project, ds, index, None, configs)
         population = plan.population()
         upstream_failed: set[str] = set()
@@ -285,6 +286,7 @@ def describe(project: ProjectConfig, datasets: list[str] | None = None) -> list[
                 "bytes": stage.store.size_bytes(),
                 "failures": [f for f in _failures(stage.store) if f["sample_id"] in failed] if failed else [],
                 "warnings": [w for w in _warnings(stage.store) if statuses.get(w["sample_id"]) == S.STATUS_OK],
+                "corrupt_parts": [str(p) for p in stage.store.corrupt_parts()],
             })
             upstream_failed |= failed | blocked
     return out

@@ -10,15 +10,15 @@ from affectprep import schema as S
 from affectprep.config import ProjectConfig
 from affectprep.store import Store, list_keys
 
-from .dag import dataset_names, ensure_index, plan_stages
+from .dag import dataset_names, index_store, plan_stages
 from .stages import TEXT_STAGES
 
 
 def text_versions(project: ProjectConfig, datasets: list[str] | None = None) -> list[dict[str, Any]]:
     out = []
     for name in dataset_names(project, datasets):
-        index = ensure_index(project, project.datasets[name])
-        current = {p.stage.name: p.key for p in plan_stages(project, index, None)}
+        index, _, _ = index_store(project, project.datasets[name])   # read only: a read-only cache lists too
+        current = {p.stage.name: p.key for p in plan_stages(project, index, None)} if index.exists() else {}
         for stage in TEXT_STAGES:
             for key in list_keys(project.cache, name, stage):
                 store = Store(project.cache, name, stage, key)
