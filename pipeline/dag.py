@@ -552,7 +552,8 @@ def describe(project: ProjectConfig, datasets: list[str] | None = None) -> list[
             failed = {s for s in applies if statuses.get(s) == S.STATUS_FAILED}
             blocked = {s for s in applies if s in upstream_failed and s not in statuses}
             entry["stages"].append({
-                "stage": plan.stage.name, "key": plan.key, "total": len(applies), "done": done,
+                "stage": plan.stage.name, "key": plan.key, "backend": plan.config["identity"].get("backend"),
+                "total": len(applies), "done": done,
                 "failed": len(failed), "blocked": len(blocked),
                 "pending": len(applies) - done - len(failed) - len(blocked),
                 "bytes": plan.store.size_bytes(), "failures": _failures(plan.store) if failed else [],
