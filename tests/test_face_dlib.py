@@ -102,8 +102,8 @@ def test_threads_with_their_own_or_a_shared_instance_give_the_sequential_result(
     def work(slot: int, backend) -> None:
         results[slot] = [d.landmarks for d in backend.detect(frames)]
 
-    threads = [threading.Thread(target=work, args=(0, dlib_backend)), threading.Thread(target=work, args=(1, dlib_backend)),
-               threading.Thread(target=work, args=(2, load_face_backend("dlib")))]
+    shared_and_own = [dlib_backend, dlib_backend, load_face_backend("dlib")]
+    threads = [threading.Thread(target=work, args=(slot, backend)) for slot, backend in enumerate(shared_and_own)]
     for thread in threads:
         thread.start()
     for thread in threads:

@@ -159,7 +159,8 @@ class DlibBackend:
         size = (max(1, round(width * factor)), max(1, round(height * factor)))
         scaled = cv2.resize(image, size, interpolation=cv2.INTER_AREA if factor < 1 else cv2.INTER_LINEAR)
         self._load_models()
-        found = self._find(np.ascontiguousarray(scaled))
+        with self._lock:
+            found = self._find(np.ascontiguousarray(scaled))
         if not found:
             return np.zeros((0, 4), np.float32), np.zeros(0, np.float32)
         # dlib's rectangles are inclusive pixel ranges; as x0, y0, x1, y1 edges the far corner is one pixel on.
@@ -183,9 +184,10 @@ class DlibBackend:
                                 interpolation=cv2.INTER_LINEAR)
         real = np.array([region.shape[1] / (x1 - x0), region.shape[0] / (y1 - y0)], np.float32)
         local = (box.reshape(2, 2) - (x0, y0)) * real
-        rect = self._dlib.rectangle(*(round(float(v)) for v in (local[0, 0], local[0, 1], local[1, 0] - 1, local[1, 1] - 1)))
+        left, top, right, bottom = (round(float(v)) for v in (*local[0], *(local[1] - 1)))
         self._load_models()
-        shape = self._predictor(np.ascontiguousarray(region), rect)
+        with self._lock:
+            shape = self._predictor(np.ascontiguousarray(region), self._dlib.rectangle(left, top, right, bottom))
         # Whole pixels of the (upscaled) region: at _PREDICTOR_BOX, half a pixel is 0.3% of the face.
         points = np.array([(p.x, p.y) for p in shape.parts()], np.float32)
         return points / real + np.array([x0, y0], np.float32)
