@@ -128,7 +128,7 @@ def status(config: ConfigOpt = Path(DEFAULT_CONFIG_FILE), cache: CacheOpt = None
         _echo_failures(index["failures"], errors)
         for s in entry["stages"]:
             typer.echo(f"  {s['stage']:8} done {s['done']:>5}/{s['total']:<5} failed {s['failed']:>5}  "
-                       f"blocked {s['blocked']:>5}  pending {s['pending']:>5}  {_size(s['bytes']):>9}  key {s['key']}"
+                       f"blocked {s['blocked']:>5}  pending {s['pending']:>5}  {human_size(s['bytes']):>9}  key {s['key']}"
                        + (f"  backend {s['backend']}" if s.get("backend") else ""))
             _echo_failures(s["failures"], errors)
 
@@ -164,7 +164,7 @@ def compact(config: ConfigOpt = Path(DEFAULT_CONFIG_FILE), cache: CacheOpt = Non
                 with store.lock():
                     removed = store.compact()
                 if removed:
-                    typer.echo(f"{name}/{stage}/{key}: {removed} parts -> 1 ({_size(store.size_bytes())})")
+                    typer.echo(f"{name}/{stage}/{key}: {removed} parts -> 1 ({human_size(store.size_bytes())})")
 
 
 text_app = typer.Typer(no_args_is_help=True, help="Versions of the text assets (captions, CATE texts).")
@@ -400,7 +400,7 @@ def _default_stage_options(stages: dict) -> dict[str, dict]:
             for name, cls in stages.items()}
 
 
-def _size(n: int) -> str:
+def human_size(n: float) -> str:
     for unit in ("B", "KiB", "MiB", "GiB"):
         if n < 1024 or unit == "GiB":
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"

@@ -22,6 +22,7 @@ import cv2
 import numpy as np
 
 from affectprep import schema as S
+from affectprep.cli import human_size
 from affectprep.config import ProjectConfig
 from affectprep.store import Store, list_keys
 
@@ -72,13 +73,13 @@ def _stage_table(entry: dict[str, Any]) -> str:
     index = entry["index"]
     rows = [f"<tr><td>index</td><td>{index['ok'] + index['failed']}</td><td>{index['ok']}</td>"
             f"<td class='{_bad(index['failed'])}'>{index['failed']}</td><td>-</td><td>-</td>"
-            f"<td>{_size(index['bytes'])}</td><td><code>{_e(index['key'])}</code></td></tr>"]
+            f"<td>{human_size(index['bytes'])}</td><td><code>{_e(index['key'])}</code></td></tr>"]
     for s in entry["stages"]:
         if s["total"] == 0 and not s["bytes"]:   # a stage for other media (audio for videos): nothing to show
             continue
         rows.append(f"<tr><td>{_e(s['stage'])}</td><td>{s['total']}</td><td>{s['done']}</td>"
                     f"<td class='{_bad(s['failed'])}'>{s['failed']}</td><td>{s['blocked']}</td><td>{s['pending']}</td>"
-                    f"<td>{_size(s['bytes'])}</td><td><code>{_e(s['key'])}</code></td></tr>")
+                    f"<td>{human_size(s['bytes'])}</td><td><code>{_e(s['key'])}</code></td></tr>")
     excluded = sum(index["excluded"].values())
     note = f"<p class='note'>{excluded} annotated sample(s) excluded by the dataset's protocol.</p>" if excluded else ""
     return ("<h3>Stages</h3><table class='stages'><tr><th>stage</th><th>samples</th><th>done</th><th>failed</th>"
@@ -271,14 +272,6 @@ def _e(value: Any) -> str:
 
 def _bad(count: int) -> str:
     return "bad" if count else ""
-
-
-def _size(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if n < 1024 or unit == "GiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return str(n)
 
 
 _PAGE = """<!DOCTYPE html>

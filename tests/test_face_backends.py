@@ -270,6 +270,8 @@ def test_fan_without_face_alignment_names_the_extra(monkeypatch):
 def test_fan_batches_a_clip_and_matches_face_alignments_own_per_image_path(torch_home, monkeypatch):
     monkeypatch.setenv("TORCH_HOME", str(torch_home))
     backend = load_face_backend("fan", detector="haar", flip_input=True)
+    assert backend.frames_per_batch == 1   # on a CPU; a GPU takes 16 frames a pass
+    backend.frames_per_batch = 2
     frames, _ = moving_clip(2)
     boxes = [np.array([150.0, 80.0, 300.0, 250.0]) + 10 * i for i in range(2)]
     calls = []

@@ -39,6 +39,9 @@ def test_report_holds_the_counts_the_gallery_and_the_failures(project, page):
     status = describe(project)[0]
     # Every stage's line, with the counts `status` gives.
     for stage in status["stages"]:
+        if stage["total"] == 0:   # audio, for a video dataset: left out of the table
+            assert f"<tr><td>{stage['stage']}</td>" not in text
+            continue
         row = re.search(rf"<tr><td>{stage['stage']}</td><td>(\d+)</td><td>(\d+)</td><td[^>]*>(\d+)</td>", text)
         assert row, stage["stage"]
         assert [int(v) for v in row.groups()] == [stage["total"], stage["done"], stage["failed"]]

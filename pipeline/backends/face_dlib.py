@@ -20,7 +20,7 @@ import cv2
 import numpy as np
 
 from .face_common import Detection, check_frames
-from .face_track import scan_sparsely, select_track
+from .face_track import track_and_landmark
 
 PREDICTOR_FILE = "shape_predictor_68_face_landmarks.dat"
 CNN_DETECTOR_FILE = "mmod_human_face_detector.dat"
@@ -117,18 +117,8 @@ class DlibBackend:
     def detect(self, frames: np.ndarray) -> list[Detection | None]:
         frames = check_frames(frames)
         with self._lock:
-            found = scan_sparsely(frames, self.scan_every, self.find_faces, self._find_near)
-            picks = select_track([boxes for boxes, _ in found], [scores for _, scores in found],
-                                 (frames.shape[2], frames.shape[1]))
-            detections: list[Detection | None] = []
-            for frame, (boxes, scores), pick in zip(frames, found, picks):
-                if pick is None:
-                    detections.append(None)
-                    continue
-                box = boxes[pick]
-                detections.append(Detection(box=box, landmarks=self.landmarks(frame, box),
-                                            score=float(scores[pick])))
-            return detections
+            return track_and_landmark(frames, self.scan_every, self.find_faces, self._find_near,
+                                      self.landmarks)
 
     def find_faces(self, frame: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """All face boxes (K, 4) x0, y0, x1, y1 in source pixels of a full scan, and their detector scores."""

@@ -9,7 +9,7 @@ import cv2
 import numpy as np
 
 from .face_common import MEAN_SHAPE, Detection, check_frames, downscale, eye_centres, shape_through_eyes
-from .face_track import scan_sparsely, select_track
+from .face_track import track_and_landmark
 
 FACE_CASCADE = "haarcascade_frontalface_default.xml"
 EYE_CASCADE = "haarcascade_eye.xml"
@@ -69,17 +69,7 @@ class HaarBackend:
 
     def detect(self, frames: np.ndarray) -> list[Detection | None]:
         frames = check_frames(frames)
-        found = scan_sparsely(frames, self.scan_every, self.find_faces, self._find_near)
-        picks = select_track([boxes for boxes, _ in found], [scores for _, scores in found],
-                             (frames.shape[2], frames.shape[1]))
-        detections: list[Detection | None] = []
-        for frame, (boxes, scores), pick in zip(frames, found, picks):
-            if pick is None:
-                detections.append(None)
-                continue
-            box = boxes[pick]
-            detections.append(Detection(box=box, landmarks=self.fit_shape(frame, box), score=float(scores[pick])))
-        return detections
+        return track_and_landmark(frames, self.scan_every, self.find_faces, self._find_near, self.fit_shape)
 
     def find_faces(self, frame: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """All face boxes (K, 4) x0, y0, x1, y1 in source pixels, and their scores (the cascade's neighbour counts)."""

@@ -5,6 +5,8 @@ from collections.abc import Callable
 
 import numpy as np
 
+from .face_common import Detection
+
 Candidates = tuple[np.ndarray, np.ndarray]   # (K, 4) x0, y0, x1, y1 boxes in source pixels and their (K,) scores
 
 # Anywhere in a clip, a box within this many face sizes of another (and of similar size) may be the same face.
@@ -33,6 +35,19 @@ def scan_sparsely(frames: np.ndarray, scan_every: int, find_faces: Callable[[np.
         near = find_near(frames[i], guides) if len(guides) else None
         found[i] = near if near is not None and len(near[0]) else find_faces(frames[i])
     return found
+
+
+def track_and_landmark(frames: np.ndarray, scan_every: int, find_faces: Callable[[np.ndarray], Candidates],
+                       find_near: Callable[[np.ndarray, np.ndarray], Candidates],
+                       landmarks: Callable[[np.ndarray, np.ndarray], np.ndarray]) -> list[Detection | None]:
+    """A box-then-landmarks backend's `detect`: candidates by `scan_sparsely`, the face followed by
+    `select_track`, and `landmarks(frame, box)` (68, 2) of the tracked face in each frame where it was found."""
+    found = scan_sparsely(frames, scan_every, find_faces, find_near)
+    picks = select_track([boxes for boxes, _ in found], [scores for _, scores in found],
+                         (frames.shape[2], frames.shape[1]))
+    return [None if pick is None else
+            Detection(box=boxes[pick], landmarks=landmarks(frame, boxes[pick]), score=float(scores[pick]))
+            for frame, (boxes, scores), pick in zip(frames, found, picks)]
 
 
 def merge_overlapping(boxes: np.ndarray) -> np.ndarray:
