@@ -32,6 +32,7 @@ def demo(out: Annotated[Path, typer.Option(help="Folder for the demo dataset, pr
          workers: Annotated[Optional[int], typer.Option(min=1, help="Local Dask workers (default: CPU count).")] = None,
          seed: int = 0) -> None:
     """Generate a demo dataset in DFEW's layout from a real face photo, then run every stage offline."""
+    from affectprep.pipeline.backends.face import offline_backend
     from affectprep.pipeline.demo import make_demo_dataset
     from affectprep.pipeline.stages import STAGES
 
@@ -41,8 +42,8 @@ def demo(out: Annotated[Path, typer.Option(help="Folder for the demo dataset, pr
     project = ProjectConfig(out / DEFAULT_CONFIG_FILE, (out / "cache").resolve(),
                             {"demo": DatasetConfig("demo", "dfew", root.resolve())},
                             _default_stage_options(STAGES))
-    # The offline backends: no weights, no network.
-    project.stages["faces"]["backend"] = "haar"
+    # The offline backends: no weights, no network (dlib's 68 landmarks where the dlib extra is installed).
+    project.stages["faces"]["backend"] = offline_backend()
     project.stages["captions"]["captioner"] = "motion"
     project.stages["cate"]["llm"] = "template"
     write_project(project)
@@ -148,13 +149,29 @@ def status(config: ConfigOpt = Path(DEFAULT_CONFIG_FILE), cache: CacheOpt = None
         for s in entry["stages"]:
             stale = f" (stale {s['stale']})" if s["stale"] else ""
             typer.echo(f"  {s['stage']:8} done {s['done']:>5}/{s['total']:<5} failed {s['failed']:>5}  "
-                       f"blocked {s['blocked']:>5}  pending {s['pending']:>5}{stale}  {_size(s['bytes']):>9}  "
-                       f"key {s['key']}")
+                       f"blocked {s['blocked']:>5}  pending {s['pending']:>5}{stale}  {human_size(s['bytes']):>9}  "
+                       f"key {s['key']}" + (f"  backend {s['backend']}" if s.get("backend") else ""))
             _echo_failures(s["failures"], errors)
             _echo_corrupt(s["corrupt_parts"])
             if s["warnings"]:
                 typer.echo(f"    {len(s['warnings'])} ok with a warning:")
                 _echo_failures([{"sample_id": w["sample_id"], "error": w["warning"]} for w in s["warnings"]], errors)
+
+
+@app.command()
+def report(config: ConfigOpt = Path(DEFAULT_CONFIG_FILE), cache: CacheOpt = None, dataset: DatasetOpt = None,
+           out: Annotated[Path, typer.Option(help="Folder for index.html.")] = Path("report"),
+           samples: Annotated[int, typer.Option(min=0, help="Clips in each dataset's gallery.")] = 12,
+           set_: Annotated[Optional[list[str]], typer.Option("--set", help="As for `run`.")] = None) -> None:
+    """A static HTML report (opens from disk): per dataset, stage counts, class balance, a gallery of clips (crops
+    with landmarks, caption, top-3 emotions, every CATE version, label), the failures, and the text versions."""
+    import time
+
+    from affectprep.report import write_report
+
+    start = time.perf_counter()
+    path = write_report(load_project(config, set_ or [], cache), out, dataset, samples)
+    typer.echo(f"written: {path} ({time.perf_counter() - start:.1f} s)")
 
 
 @app.command()
@@ -172,7 +189,7 @@ def compact(config: ConfigOpt = Path(DEFAULT_CONFIG_FILE), cache: CacheOpt = Non
                 with store.lock():
                     removed = store.compact()
                 if removed:
-                    typer.echo(f"{name}/{stage}/{key}: {removed} parts -> 1 ({_size(store.size_bytes())})")
+                    typer.echo(f"{name}/{stage}/{key}: {removed} parts -> 1 ({human_size(store.size_bytes())})")
 
 
 text_app = typer.Typer(no_args_is_help=True, help="Versions of the text assets (captions, CATE texts).")
@@ -423,7 +440,7 @@ def _default_stage_options(stages: dict) -> dict[str, dict]:
             for name, cls in stages.items()}
 
 
-def _size(n: int) -> str:
+def human_size(n: float) -> str:
     for unit in ("B", "KiB", "MiB", "GiB"):
         if n < 1024 or unit == "GiB":
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"

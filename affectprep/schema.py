@@ -77,8 +77,10 @@ FACES = _schema("faces", [
     pa.field("boxes", pa.list_(pa.list_(pa.float32(), 4))),                      # x0,y0,x1,y1 in source pixels
     pa.field("detected", pa.list_(pa.bool_())),       # the detector found a face in this frame (else filled in)
     pa.field("size", pa.int32()),
-    pa.field("backend", pa.string()),                 # "fan" | "haar" | "center_crop"
-    pa.field("landmark_source", pa.string()),         # "fan" (detected) | "template" (mean shape fitted to box+eyes)
+    pa.field("backend", pa.string()),                 # "fan" | "dlib" | "haar" | "center_crop"
+    # "fan" | "dlib" (detected by that model) | "template" (the mean shape fitted to the box and eyes: haar, and
+    # center_crop's canonical positions)
+    pa.field("landmark_source", pa.string()),
 ])
 
 _TEXT_USAGE = [

@@ -280,7 +280,8 @@ def describe(project: ProjectConfig, datasets: list[str] | None = None) -> list[
             done = sum(status == S.STATUS_OK for status in statuses.values())
             blocked = {s for s in applies if s in upstream_failed and statuses[s] is None}
             entry["stages"].append({
-                "stage": stage.stage.name, "key": stage.key, "total": len(applies), "done": done,
+                "stage": stage.stage.name, "key": stage.key, "backend": stage.config["identity"].get("backend"),
+                "total": len(applies), "done": done,
                 "failed": len(failed), "blocked": len(blocked), "stale": len(plan.stale(stage, population)),
                 "pending": len(applies) - done - len(failed) - len(blocked),
                 "bytes": stage.store.size_bytes(),

@@ -139,7 +139,7 @@ def test_bad_input_is_a_clear_error(haar):
     with pytest.raises(ValueError, match="no_face"):
         align_clip(np.zeros((1, 64, 64, 3), np.uint8), haar, no_face="skip")
     with pytest.raises(ValueError, match="unknown face backend"):
-        load_face_backend("dlib")
+        load_face_backend("openface")
     with pytest.raises(ValueError, match="takes no options"):
         load_face_backend("haar", detector="sfd")
 
@@ -255,8 +255,9 @@ def test_auto_uses_fan_with_s3fd_when_both_are_cached(torch_home, monkeypatch):
     assert all(found.score > 0.5 for found in detections)
 
 
-def test_auto_without_fan_weights_is_haar(tmp_path, monkeypatch):
+def test_auto_without_fan_weights_is_the_offline_backend(tmp_path, monkeypatch):
     monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    monkeypatch.setitem(sys.modules, "dlib", None)  # dlib absent (tests/test_face_dlib.py: with it, auto is dlib)
     assert load_face_backend("auto", flip_input=False).name == "haar"
 
 
@@ -264,3 +265,21 @@ def test_fan_without_face_alignment_names_the_extra(monkeypatch):
     monkeypatch.setitem(sys.modules, "face_alignment", None)  # what Python does when a package is absent
     with pytest.raises(ImportError, match=r"affectprep\[face\]"):
         load_face_backend("fan")
+
+
+def test_fan_batches_a_clip_and_matches_face_alignments_own_per_image_path(torch_home, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(torch_home))
+    backend = load_face_backend("fan", detector="haar", flip_input=True)
+    assert backend.frames_per_batch == 1   # on a CPU; a GPU takes 16 frames a pass
+    backend.frames_per_batch = 2
+    frames, _ = moving_clip(2)
+    boxes = [np.array([150.0, 80.0, 300.0, 250.0]) + 10 * i for i in range(2)]
+    calls = []
+    network = backend._aligner.face_alignment_net
+    monkeypatch.setattr(backend._aligner, "face_alignment_net", lambda x: calls.append(len(x)) or network(x))
+    batched = backend.landmarks(frames, boxes)
+    assert calls == [2, 2], "the frames (and their mirror images) should be one network call each"
+    monkeypatch.setattr(backend._aligner, "face_alignment_net", network)
+    for frame, box, points in zip(frames, boxes, batched):
+        (own,) = backend._aligner.get_landmarks_from_image(frame, detected_faces=[box])
+        assert points.shape == (68, 2) and np.allclose(points, own, atol=1e-3), np.abs(points - own).max()

@@ -18,8 +18,8 @@ class AlignedClip:
     landmarks: np.ndarray     # (N, 68, 2) float32 in crop pixels
     boxes: np.ndarray         # (N, 4) float32 x0, y0, x1, y1 in source pixels, filled in and smoothed
     detected: np.ndarray      # (N,) bool: the detector found the face in that frame (else filled in)
-    backend: str              # "haar" | "fan" | "center_crop"
-    landmark_source: str      # "template" | "fan"
+    backend: str              # "fan" | "dlib" | "haar" | "center_crop"
+    landmark_source: str      # "fan" | "dlib" | "template"
     transforms: np.ndarray    # (N, 2, 3) float32 affine maps from source pixels to crop pixels
 
 

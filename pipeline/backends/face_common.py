@@ -33,8 +33,8 @@ class Detection:
 
 
 class FaceBackend(Protocol):
-    name: str              # "haar" | "fan"
-    landmark_source: str   # "template" | "fan"
+    name: str              # "fan" | "dlib" | "haar"
+    landmark_source: str   # "fan" | "dlib" | "template"
 
     @property
     def identity(self) -> dict:

@@ -9,7 +9,7 @@ import cv2
 import numpy as np
 
 from .face_common import MEAN_SHAPE, Detection, check_frames, downscale, eye_centres, shape_through_eyes
-from .face_track import select_track
+from .face_track import track_and_landmark
 
 FACE_CASCADE = "haarcascade_frontalface_default.xml"
 EYE_CASCADE = "haarcascade_eye.xml"
@@ -69,35 +69,7 @@ class HaarBackend:
 
     def detect(self, frames: np.ndarray) -> list[Detection | None]:
         frames = check_frames(frames)
-        found = self._scan(frames)
-        picks = select_track([boxes for boxes, _ in found], [scores for _, scores in found],
-                             (frames.shape[2], frames.shape[1]))
-        detections: list[Detection | None] = []
-        for frame, (boxes, scores), pick in zip(frames, found, picks):
-            if pick is None:
-                detections.append(None)
-                continue
-            box = boxes[pick]
-            detections.append(Detection(box=box, landmarks=self.fit_shape(frame, box), score=float(scores[pick])))
-        return detections
-
-    def _scan(self, frames: np.ndarray) -> list[tuple[np.ndarray, np.ndarray]]:
-        """Face candidates per frame: a full scan of every `scan_every`-th frame (and the last), a search near the
-        faces of the neighbouring scanned frames elsewhere, and a full scan wherever that finds nothing."""
-        n = len(frames)
-        scanned = sorted(set(range(0, n, self.scan_every)) | {n - 1})
-        found: list[tuple[np.ndarray, np.ndarray] | None] = [None] * n
-        for i in scanned:
-            found[i] = self.find_faces(frames[i])
-        for i in range(n):
-            if found[i] is not None:
-                continue
-            before = max(k for k in scanned if k < i)
-            after = min(k for k in scanned if k > i)
-            guides = _merge_overlapping(np.concatenate([found[before][0], found[after][0]]))
-            near = self._find_near(frames[i], guides) if len(guides) else None
-            found[i] = near if near is not None and len(near[0]) else self.find_faces(frames[i])
-        return found
+        return track_and_landmark(frames, self.scan_every, self.find_faces, self._find_near, self.fit_shape)
 
     def find_faces(self, frame: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """All face boxes (K, 4) x0, y0, x1, y1 in source pixels, and their scores (the cascade's neighbour counts)."""
@@ -176,27 +148,6 @@ def _boxes(boxes, neighbours, factor: float, offset: tuple[float, float]) -> tup
     boxes[:, 2:] += boxes[:, :2]
     boxes = boxes / factor + np.array([*offset, *offset], np.float32)
     return boxes, np.asarray(neighbours, np.float32).reshape(-1)
-
-
-def _merge_overlapping(boxes: np.ndarray) -> np.ndarray:
-    """One box per face: boxes that overlap (the same face in the frames before and after) become their mean."""
-    merged: list[list[np.ndarray]] = []
-    for box in boxes:
-        for group in merged:
-            if _iou(group[0], box) > 0.3:
-                group.append(box)
-                break
-        else:
-            merged.append([box])
-    return np.array([np.mean(group, axis=0) for group in merged], np.float32).reshape(-1, 4)
-
-
-def _iou(a: np.ndarray, b: np.ndarray) -> float:
-    w = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
-    h = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
-    inter = w * h
-    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
-    return float(inter / union) if union > 0 else 0.0
 
 
 def _nearest(points: np.ndarray, target: np.ndarray, box_width: float) -> int | None:

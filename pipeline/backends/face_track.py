@@ -1,12 +1,74 @@
 """Temporal side of face processing: follow one face through a clip, fill frames where it was missed, smooth."""
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
+
+from .face_common import Detection
+
+Candidates = tuple[np.ndarray, np.ndarray]   # (K, 4) x0, y0, x1, y1 boxes in source pixels and their (K,) scores
 
 # Anywhere in a clip, a box within this many face sizes of another (and of similar size) may be the same face.
 _SAME_FACE_IN_CLIP = 2.0
 # A face seen in at least this share of the frames of the most persistent one is a real face, not a flicker.
 _PERSISTENT = 0.5
+
+
+def scan_sparsely(frames: np.ndarray, scan_every: int, find_faces: Callable[[np.ndarray], Candidates],
+                  find_near: Callable[[np.ndarray, np.ndarray], Candidates]) -> list[Candidates]:
+    """Face candidates per frame: a full scan (`find_faces(frame)`) of every `scan_every`-th frame and the last,
+    a search near the faces of the neighbouring scanned frames elsewhere (`find_near(frame, guide_boxes)`), and a
+    full scan wherever that finds nothing. A face moves little between sampled frames, and a search around a known
+    face costs a few ms against tens of ms for a full scan."""
+    n = len(frames)
+    scanned = sorted(set(range(0, n, scan_every)) | {n - 1})
+    found: list[Candidates | None] = [None] * n
+    for i in scanned:
+        found[i] = find_faces(frames[i])
+    for i in range(n):
+        if found[i] is not None:
+            continue
+        before = max(k for k in scanned if k < i)
+        after = min(k for k in scanned if k > i)
+        guides = merge_overlapping(np.concatenate([found[before][0], found[after][0]]))
+        near = find_near(frames[i], guides) if len(guides) else None
+        found[i] = near if near is not None and len(near[0]) else find_faces(frames[i])
+    return found
+
+
+def track_and_landmark(frames: np.ndarray, scan_every: int, find_faces: Callable[[np.ndarray], Candidates],
+                       find_near: Callable[[np.ndarray, np.ndarray], Candidates],
+                       landmarks: Callable[[np.ndarray, np.ndarray], np.ndarray]) -> list[Detection | None]:
+    """A box-then-landmarks backend's `detect`: candidates by `scan_sparsely`, the face followed by
+    `select_track`, and `landmarks(frame, box)` (68, 2) of the tracked face in each frame where it was found."""
+    found = scan_sparsely(frames, scan_every, find_faces, find_near)
+    picks = select_track([boxes for boxes, _ in found], [scores for _, scores in found],
+                         (frames.shape[2], frames.shape[1]))
+    return [None if pick is None else
+            Detection(box=boxes[pick], landmarks=landmarks(frame, boxes[pick]), score=float(scores[pick]))
+            for frame, (boxes, scores), pick in zip(frames, found, picks)]
+
+
+def merge_overlapping(boxes: np.ndarray) -> np.ndarray:
+    """One box per face: boxes that overlap (the same face in the frames before and after) become their mean."""
+    merged: list[list[np.ndarray]] = []
+    for box in boxes:
+        for group in merged:
+            if _iou(group[0], box) > 0.3:
+                group.append(box)
+                break
+        else:
+            merged.append([box])
+    return np.array([np.mean(group, axis=0) for group in merged], np.float32).reshape(-1, 4)
+
+
+def _iou(a: np.ndarray, b: np.ndarray) -> float:
+    w = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
+    h = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+    inter = w * h
+    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
+    return float(inter / union) if union > 0 else 0.0
 
 
 def select_track(candidates: list[np.ndarray], scores: list[np.ndarray], frame_size: tuple[int, int], *,

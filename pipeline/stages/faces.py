@@ -14,8 +14,10 @@ from ..stage import SampleError, Stage
 
 @dataclass(frozen=True)
 class FacesConfig:
-    backend: Literal["auto", "haar", "fan"] = "auto"        # auto = fan when its weights are cached, else haar
-    detector: Literal["sfd", "haar"] | None = None          # boxes for fan; default: sfd if its weights are cached
+    # auto = fan when its weights are in the torch hub cache, else dlib when installed, else haar
+    backend: Literal["auto", "fan", "dlib", "haar"] = "auto"
+    # fan: "sfd" | "haar" boxes (default sfd when its weights are cached); dlib: "hog" (default) | "cnn"
+    detector: Literal["sfd", "haar", "hog", "cnn"] | None = None
     device: str = "cpu"
     size: int = 224
     margin: float = 0.25                                     # share of the face height added on each side
