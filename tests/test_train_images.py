@@ -36,7 +36,7 @@ INFRARED_GAMMA = 2.0         # darkens the mid-tones: a tone curve unlike the vi
 TARGET_LABELS = 2
 CLASSES = 7
 GREFEL = dict(model_name="grefel", tiny=True, batch_size=8, epochs=25, lr=3e-3, warmup_epochs=1, num_workers=0,
-              eval_every=25)
+              eval_every=25, model={"allow_template_landmarks": True})
 PCA_RUN = dict(model_name="pca", tiny=True, batch_size=8, epochs=12, lr=5e-3, warmup_epochs=1, num_workers=0,
                eval_every=12, target_labels=TARGET_LABELS)
 
