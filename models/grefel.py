@@ -519,6 +519,8 @@ def _plot_attention(face: np.ndarray, maps: list[np.ndarray], windows: Sequence[
     axes.scatter(detected[:, 0] * side, detected[:, 1] * side, s=6, c="red", label="landmark detector")
     if given is not None:
         axes.scatter(given[:, 0] * side, given[:, 1] * side, s=6, c="lime", label="faces stage")
+    axes.set_xlim(0, side)
+    axes.set_ylim(side, 0)
     axes.legend(loc="lower center", fontsize=6, framealpha=0.6)
     axes.set_title("face and landmarks", fontsize=8)
     axes.set_axis_off()
@@ -598,5 +600,10 @@ def grefel(tiny: bool = False, *, num_classes: int = 7, image_backbone: str = "i
     detector = MobileFaceNet(size // 2, **(TINY_MOBILEFACENET if tiny else {}))
     if landmark_weights is not None:
         load_mobilefacenet_checkpoint(detector, landmark_weights)
+    else:
+        # A fresh detector's head ends in a BatchNorm whose output starts as N(0, 1), far outside the crop's [0, 1]
+        # coordinates: start it at the crop's centre with a small spread instead (a choice; the release is trained).
+        nn.init.constant_(detector.output_layer.bn.bias, 0.5)
+        nn.init.constant_(detector.output_layer.bn.weight, 0.1)
     return GReFEL(stream, detector, num_classes=num_classes, image_size=size,
                   train_landmark_detector=landmark_weights is None, **dims)
