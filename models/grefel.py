@@ -321,7 +321,6 @@ class GReFEL(nn.Module):
         self.delta, self.lambdas = delta, dict(zip(LOSSES, lambdas))
         self.sizes, self.windows = sizes, tuple(windows)
         self.trains_landmark_detector = train_landmark_detector
-        self.allow_template_landmarks = allow_template_landmarks
         # The faces stage's landmarks are the detector's training target; a loaded, frozen detector needs none.
         self.inputs = ModelInputs(frames=1, image_size=image_size, landmarks=train_landmark_detector,
                                   real_landmarks=train_landmark_detector and not allow_template_landmarks)
@@ -433,6 +432,10 @@ class GReFEL(nn.Module):
         if "center" in self.losses:
             parts["center"] = center_loss(embedding, labels, self.anchors) if labels.numel() else embedding.sum() * 0
         total = sum(self.lambdas[name] * value for name, value in parts.items())
+        if "cls" not in parts:
+            # Table 3's rows without L_cls leave the heads out of the loss; a zero on their output keeps them on the
+            # graph, so distributed training reduces the same parameters on every step.
+            total = total + output["logits"].sum() * 0
         if self.trains_landmark_detector:
             if "landmarks" not in batch:
                 raise ValueError("GReFEL trains its landmark detector on the batch's landmarks, and this batch has "

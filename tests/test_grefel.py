@@ -316,6 +316,9 @@ def test_loss_ablations_sum_only_the_chosen_terms(losses):
     weights = {"cls": 1.0, "anchor": 0.1, "center": 0.1}
     torch.testing.assert_close(parts["loss"].detach(), sum(weights[name] * parts[name] for name in losses)
                                + parts["landmarks"])
+    # Every parameter stays on the graph (distributed training reduces the same ones each step).
+    parts["loss"].backward()
+    assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
 
 
 def test_switches_reject_what_cannot_work():
