@@ -44,6 +44,7 @@ class ModelInputs:
     std: tuple[float, float, float] = IMAGENET_STD
     text: str | None = None          # per-sample text: "caption" (a CATE / caption text version) | "transcript"
     landmarks: bool = False          # batches carry the faces stage's landmarks
+    real_landmarks: bool = False     # training refuses a faces store whose landmarks are the mean-shape template
     audio: bool = False              # batches carry 16 kHz waveforms
 
 

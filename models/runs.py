@@ -244,10 +244,24 @@ def _dataset(inputs: ModelInputs, config: TrainConfig, sources: Sources, samples
                              text_features=sources.store("text_features") if cached_text else None, **common)
     if inputs.audio:
         return StoreAudio(sources.store("audio"), samples, train=train, **common)
+    if train and inputs.real_landmarks:
+        _require_real_landmarks(sources.store("faces"), samples, config.model_name)
     augment = ClipAugment(size=inputs.image_size, train=train, scale=config.scale, flip=config.flip,
                           erase=config.erase, mean=inputs.mean, std=inputs.std)
     return StoreClips(sources.store("faces"), samples, augment=augment, landmarks=inputs.landmarks, texts=texts,
                       num_frames=inputs.frames, **common)
+
+
+def _require_real_landmarks(faces: Store, samples: list[dict], model_name: str) -> None:
+    """Refuse to train a model that learns from landmark geometry (ModelInputs.real_landmarks) on landmarks that
+    are the mean-shape template placed by the eyes (the haar and center_crop face backends). make_dataset turns
+    the ValueError into a ConfigError naming the dataset."""
+    table = faces.read(["landmark_source"], ids=[s["sample_id"] for s in samples], status=S.STATUS_OK)
+    if "template" in set(table.column("landmark_source").to_pylist()):
+        raise ValueError(f"its faces store holds template landmarks (the mean shape placed by the eyes, "
+                         f"landmark_source 'template'), which give {model_name} no facial geometry to learn: rebuild "
+                         f"the faces with a landmark detector (stages.faces.backend = \"fan\"), or train on them "
+                         f"anyway with --set model.allow_template_landmarks=true")
 
 
 def make_loader(dataset: StoreSamples, batch_size: int, num_workers: int) -> DataLoader:

@@ -9,34 +9,41 @@ crop to train on, so its contrast change is a gamma curve instead.
 """
 from __future__ import annotations
 
+import dataclasses
+import json
 import math
 from pathlib import Path
 
 import cv2
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
 
 import image_dataset_fixtures as F
 from affectprep import schema as S
-from affectprep.config import DatasetConfig, ProjectConfig
+from affectprep.config import ConfigError, DatasetConfig, ProjectConfig
 from affectprep.models.data import few_labels
-from affectprep.models.grefel import GReFEL
+from affectprep.models.explain import explain_sample
+from affectprep.models.grefel import ABLATIONS, GReFEL
 from affectprep.models.metrics import cluster_scores
 from affectprep.models.pca import PCA
 from affectprep.models.runs import (RunFolder, TrainConfig, build_model, make_dataset, make_loader,
                                     samples_for)
 from affectprep.models.train import train
 from affectprep.pipeline.dag import run_pipeline
+from affectprep.store import Store
 from affectprep.train_sources import resolve_sources
 
 TRAIN_PER_CLASS, TEST_PER_CLASS = 10, 5
 INFRARED_GAMMA = 2.0         # darkens the mid-tones: a tone curve unlike the visible camera's
 TARGET_LABELS = 2
 CLASSES = 7
-GREFEL = dict(model_name="grefel", tiny=True, batch_size=8, epochs=25, lr=3e-3, warmup_epochs=1, num_workers=0,
-              eval_every=25)
+# The Haar faces' landmarks are the mean-shape template: GReFEL trains on them only when told (its geometry is
+# tested in test_grefel.py).
+GREFEL = dict(model_name="grefel", tiny=True, batch_size=8, epochs=40, lr=3e-3, warmup_epochs=1, num_workers=0,
+              eval_every=40, model={"allow_template_landmarks": True})
 PCA_RUN = dict(model_name="pca", tiny=True, batch_size=8, epochs=12, lr=5e-3, warmup_epochs=1, num_workers=0,
                eval_every=12, target_labels=TARGET_LABELS)
 
@@ -104,18 +111,18 @@ def test_both_sets_reach_the_faces_store_with_gray_infrared_crops(project):
 
 @pytest.fixture(scope="module")
 def grefel_run(project, tmp_path_factory):
-    """The run folder, and the landmarks of every batch the trainer handed to GReFEL."""
+    """The run folder, and the landmarks of every training batch GReFEL's loss received (its detector's target)."""
     seen: list[torch.Tensor] = []
-    original = GReFEL.batch_inputs
+    original = GReFEL.loss
 
-    def recording(self, batch):
-        assert batch["frames"].shape[1:] == (1, 3, 64, 64)
-        seen.append(batch["landmarks"].clone())
-        return original(self, batch)
+    def recording(self, outputs, batches, class_weights=None):
+        assert batches["expression"]["frames"].shape[1:] == (1, 3, 64, 64)
+        seen.append(batches["expression"]["landmarks"].clone())
+        return original(self, outputs, batches, class_weights)
 
     sources = {"expression": resolve_sources(project, "visible")}
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(GReFEL, "batch_inputs", recording)
+        patch.setattr(GReFEL, "loss", recording)
         run = train(TrainConfig(**GREFEL), sources, tmp_path_factory.mktemp("runs"), echo=lambda _: None)
     return run, sources, seen
 
@@ -127,24 +134,77 @@ def test_grefel_learns_the_expressions_and_war_is_the_accuracy(grefel_run):
     test_ids = usable_test_ids(sources["expression"])
     assert sorted(p["sample_id"] for p in predictions) == test_ids
     assert expression["war"] == pytest.approx(np.mean([p["prediction"] == p["label"] for p in predictions]))
-    # Chance is 1/7 (0.14); the tiny model reaches 0.43 UAR and WAR on the 35 test faces here.
-    assert expression["uar"] > 0.3 and expression["war"] > 0.3, expression
+    # Chance is 1/7 (0.14); the tiny model reaches 0.63-0.91 UAR and WAR on the 35 test faces here (seeds 3407, 1,
+    # 2, 5, 6, 7, 8), so 0.4 fails only if it learns far less than that.
+    assert expression["uar"] > 0.4 and expression["war"] > 0.4, expression
     metrics = RunFolder(run).read_json("metrics.json")
     losses = [m["loss"] for m in metrics]
     assert all(math.isfinite(v) for v in losses) and np.mean(losses[-3:]) < np.mean(losses[:3]) - 0.2
-    assert {"cls", "anchor", "center"} <= set(metrics[0])
+    assert {"cls", "anchor", "center", "landmarks"} <= set(metrics[0])
+    assert metrics[-1]["landmarks"] < metrics[0]["landmarks"]          # the landmark detector learns
+    assert RunFolder(run).config().model == {"allow_template_landmarks": True}   # recorded with the run
 
 
 def test_the_faces_stage_landmarks_reach_grefel(grefel_run):
     _, _, seen = grefel_run
-    # Training batches (8 samples, remainder dropped) then the test batches of the one evaluation.
-    assert seen and all(points.shape[1:] == (1, S.NUM_LANDMARKS, 2) for points in seen)
+    assert seen and all(points.shape[1:] == (1, S.NUM_LANDMARKS, 2) and len(points) <= 8 for points in seen)
     points = torch.cat(seen)
     assert torch.isfinite(points).all()
     # The Haar mean shape sits inside the aligned crop; random crops and flips move it a little.
     assert ((points > 0) & (points < 1)).float().mean() > 0.99
     # Eyes (points 36-47) above the mouth (48-67) in every sample: the points keep their 68-point meaning.
     assert (points[..., 36:48, 1].mean(-1) < points[..., 48:68, 1].mean(-1)).all()
+
+
+def test_grefel_refuses_template_landmarks_unless_told(grefel_run, tmp_path):
+    _, sources, _ = grefel_run
+    refused = {**GREFEL, "model": {}}
+    with pytest.raises(ConfigError) as error:
+        train(TrainConfig(**refused), sources, tmp_path, echo=lambda _: None)
+    message = str(error.value)
+    assert "\n" not in message and "template" in message and "model.allow_template_landmarks=true" in message
+    assert not list(tmp_path.iterdir())                     # refused before a run folder exists
+    # The same faces with landmarks from a detector (landmark_source "fan") are accepted.
+    faces = sources["expression"].store("faces")
+    detected = Store(tmp_path / "cache", faces.dataset, "faces", "detected")
+    rows = faces.read()
+    detected.write(rows.set_column(rows.schema.get_field_index("landmark_source"), "landmark_source",
+                                   pa.array(["fan"] * rows.num_rows)))
+    real = dataclasses.replace(sources["expression"], stores={**sources["expression"].stores, "faces": detected})
+    config = TrainConfig(**refused)
+    model = build_model(config, {"expression": real})
+    samples = samples_for(real, config, "train", "expression")
+    assert len(make_dataset(model, config, real, samples, train=True)) > 0
+
+
+@pytest.mark.parametrize("ablation", ABLATIONS, ids=lambda a: f"{a.table}: {a.row}")
+def test_every_grefel_ablation_row_trains(ablation, grefel_run, tmp_path):
+    _, sources, _ = grefel_run
+    options = {key.removeprefix("model."): value for key, value in ablation.set.items()}
+    config = TrainConfig(**{**GREFEL, "epochs": 1, "eval_every": 1,
+                            "model": {"allow_template_landmarks": True, **options}})
+    run = RunFolder(train(config, sources, tmp_path, echo=lambda _: None))
+    trained = run.trained_model()
+    assert trained.balancing == options.get("balancing", "both")
+    assert set(run.read_json("metrics.json")[0]) >= {*trained.losses, "landmarks", "loss"}
+    assert "uar" in run.read_json("results.json")["expression"]
+
+
+def test_explain_draws_a_trained_grefel(grefel_run, tmp_path):
+    run, sources, _ = grefel_run
+    sample = usable_test_ids(sources["expression"])[0]
+    paths = explain_sample(run, sample, tmp_path)
+    assert [p.name for p in paths] == [f"{sample}-landmark-attention.png", f"{sample}-landmark-attention.json",
+                                       f"{sample}-reliability.png", f"{sample}-reliability.json"]
+    assert all(p.read_bytes()[:4] == b"\x89PNG" for p in paths[::2])
+    prediction = next(p for p in pq.read_table(run / "results-predictions.parquet").to_pylist()
+                      if p["sample_id"] == sample)
+    reliability = json.loads(paths[3].read_text())
+    # The figure explains the prediction evaluation made for this sample (one view here).
+    np.testing.assert_allclose(reliability["distributions"]["probabilities"], prediction["probabilities"],
+                               atol=1e-5)
+    attention = json.loads(paths[1].read_text())
+    assert attention["faces_stage_landmarks"] is not None and len(attention["scales"]) == 3
 
 
 def embeddings_of(model, run: Path):
@@ -184,7 +244,7 @@ def test_cluster_scores_of_the_test_embeddings(grefel_run):
     untrained = cluster_scores(*embeddings_of(build_model(config, sources), run)[1:3])
     assert all(math.isfinite(v) and v > 0 for v in scores.values()), scores
     # Training pulls each class towards its anchors: tighter, better separated clusters than at initialisation
-    # (Calinski-Harabasz 13.3 against 1.6, Davies-Bouldin 1.95 against 3.45 here).
+    # (seven seeds: Calinski-Harabasz 15-37 against 1.9-4.6, Davies-Bouldin 0.7-1.8 against 2.4-3.3 here).
     assert scores["calinski_harabasz"] > 3 * untrained["calinski_harabasz"], (scores, untrained)
     assert scores["davies_bouldin"] < 0.8 * untrained["davies_bouldin"], (scores, untrained)
 
