@@ -41,8 +41,8 @@ INDEX = _schema("index", [
     pa.field("media_path", pa.string()),            # video file, folder of frames, image or wav: relative to the
                                                     # dataset root (POSIX), absolute only for media outside it
     pa.field("media_kind", pa.string()),            # "video" | "frames" | "image" | "audio"
-    pa.field("frame_start", pa.int32()),            # window inside the media, in source frames; 0 = start
-    pa.field("frame_end", pa.int32()),              # exclusive; -1 = to the end
+    pa.field("frame_start", pa.int32()),            # window in source frames; 0 = start; < 0 reaches before it
+    pa.field("frame_end", pa.int32()),              # exclusive; -1 = to the end; past the end: edge frames repeat
     pa.field("label", pa.int32()),                  # index into the dataset's label set; -1 = none (AU data)
     pa.field("label_name", pa.string()),
     pa.field("labels", pa.list_(pa.int32())),       # all labels of a multi-label sample (MAFW compound)
@@ -63,7 +63,7 @@ FRAMES = _schema("frames", [
     pa.field("fps", pa.float32()),
     pa.field("width", pa.int32()),
     pa.field("height", pa.int32()),
-    pa.field("padded", pa.bool_()),                   # the clip had fewer frames than asked for
+    pa.field("padded", pa.bool_()),                   # a repeated frame fills in (short clip, window past an end)
     pa.field("decoder", pa.string()),                 # "decord" | "pyav" | "folder" | "image"
 ])
 

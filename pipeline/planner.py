@@ -65,6 +65,8 @@ def index_store(project: ProjectConfig, ds: DatasetConfig) -> tuple[Store, Datas
         "annotations": {(p.relative_to(ds.root).as_posix() if p.is_relative_to(ds.root) else str(p)): file_digest(p)
                         for p in sorted(files)},
     }
+    if adapter.version > 1:   # absent at version 1, so indexes built before adapters had versions keep their keys
+        config["adapter_version"] = adapter.version
     return Store(project.cache, ds.name, "index", cache_key(config)), adapter, config
 
 

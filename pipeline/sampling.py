@@ -7,7 +7,9 @@
 - "segment": DFER-CLIP/TSN segments: the window cut into num_frames equal segments, one frame per segment (view v
   takes the point (v + 0.5) / views of the way through each segment).
 
-A window shorter than a view is padded by repeating its last frame.
+A window shorter than a view is padded by repeating its last frame. A window may reach past the media's ends (an AU
+sample's window centred on a labelled frame near one): its positions outside the media repeat the first or last
+frame, so every view keeps the window's own centre. Its centre frame must lie inside the media.
 """
 from __future__ import annotations
 
@@ -16,16 +18,18 @@ METHODS = ("uniform", "stride", "segment")
 
 def sample_indices(num_source: int, *, method: str = "uniform", num_frames: int = 16, stride: int = 4,
                    views: int = 1, start: int = 0, end: int = -1) -> tuple[list[list[int]], bool]:
-    """(views x num_frames source indices, padded). All indices lie in [start, end) and never decrease in a view."""
+    """(views x num_frames source indices, padded). All indices lie in [start, end) clipped to the media, and never
+    decrease in a view; padded when a frame stands in for one the window lacks (a short window, or one past the media)."""
     if num_source <= 0:
         raise ValueError("the media has no frames")
     if method not in METHODS:
         raise ValueError(f"unknown sampling method {method!r}; choose one of {METHODS}")
     if num_frames < 1 or views < 1 or stride < 1:
         raise ValueError("num_frames, views and stride must be at least 1")
-    end = num_source if end is None or end < 0 else min(end, num_source)
-    if not 0 <= start < end:
-        raise ValueError(f"the window [{start}, {end}) holds none of the media's {num_source} frames")
+    end = num_source if end is None or end < 0 else end
+    centre = start + (end - start) // 2
+    if not (start < end and 0 <= centre < num_source):
+        raise ValueError(f"the window [{start}, {end}) is not centred inside the media's {num_source} frames")
     n = end - start
     if method == "segment":
         chosen = [[min(n - 1, int((i + (v + 0.5) / views) * n / num_frames)) for i in range(num_frames)]
@@ -42,4 +46,6 @@ def sample_indices(num_source: int, *, method: str = "uniform", num_frames: int 
             offsets = [round(room * (v + 0.5) / views) if views > 1 else room // 2 for v in range(views)]
         chosen = [[min(n - 1, o + i * step) for i in range(num_frames)] for o in offsets]
         padded = span > n
-    return [[start + i for i in view] for view in chosen], padded
+    positions = [[start + i for i in view] for view in chosen]
+    outside = any(not 0 <= i < num_source for view in positions for i in view)
+    return [[min(num_source - 1, max(0, i)) for i in view] for view in positions], padded or outside

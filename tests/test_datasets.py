@@ -12,6 +12,7 @@ import dataset_fixtures as F
 from affectprep import labels as L
 from affectprep import schema
 from affectprep.pipeline.datasets import ADAPTERS, DatasetError, build_index, make_adapter, options_for
+from affectprep.pipeline.stages.frames import FramesConfig, FramesStage
 
 
 def index(kind, root, **options):
@@ -284,12 +285,40 @@ def test_bp4d_au_vectors_windows_and_folds(tmp_path):
         code = F.bp4d_value("F001", "T1", 7, a)
         assert math.isnan(value) if code == "9" else value == float(code)
     assert math.isnan(row["au"][1])     # AU2 not coded on frame 7
-    # frame 7 is image 6 = position 6 of 20: a 16-frame window centred on it, shifted to stay inside the folder
-    assert (row["frame_start"], row["frame_end"]) == (0, 16)
+    # frame 7 is image 6 = position 6 of 20: a 16-frame window centred on it, reaching 2 frames before the folder
+    assert (row["frame_start"], row["frame_end"]) == (-2, 14)
     assert (rows["F001_T1_12"]["frame_start"], rows["F001_T1_12"]["frame_end"]) == (3, 19)
-    assert (rows["F001_T1_20"]["frame_start"], rows["F001_T1_20"]["frame_end"]) == (4, 20)
+    assert (rows["F001_T1_20"]["frame_start"], rows["F001_T1_20"]["frame_end"]) == (11, 27)
     # standard subject folds (ME-GraphAU numbering: fold 3 tests the part holding F001)
     assert rows["F001_T1_1"]["fold"] == 3 and rows["F007_T2_1"]["fold"] == 1 and rows["M011_T1_1"]["fold"] == 2
+
+
+def test_bp4d_labelled_frame_is_the_centre_of_its_sampled_clip_up_to_the_sequence_ends(tmp_path):
+    """SSM Eqs. 4-5 read the AUs of the clip's centre frame floor(16 / 2): the frames stage must put the labelled
+    frame there for every labelled frame, the first and last included, repeating the edge frames to fill in."""
+    root = F.make_bp4d(tmp_path, sequences=(("F001", "T1"),))
+    _, rows = index("bp4d", root)
+    stage = FramesStage(FramesConfig())
+    for frame in range(1, 21):
+        sampled = stage.process_one(rows[f"F001_T1_{frame}"])
+        indices = sampled["frame_indices"]
+        assert len(indices) == 16 and indices[16 // 2] == frame - 1, (frame, indices)   # image = frame - 1
+        assert indices == sorted(indices) and sampled["padded"] == (not 8 <= frame - 1 <= 12)
+    assert stage.process_one(rows["F001_T1_1"])["frame_indices"] == [0] * 9 + list(range(1, 8))
+
+
+def test_an_adapter_version_keys_its_index_so_changed_rows_are_not_served_old_frames(tmp_path, monkeypatch):
+    from affectprep.config import DatasetConfig, ProjectConfig
+    from affectprep.pipeline.planner import index_store
+    from affectprep.pipeline.datasets.bp4d import BP4D
+
+    dataset = DatasetConfig("bp4d", "bp4d", F.make_bp4d(tmp_path / "BP4D", sequences=(("F001", "T1"),)))
+    project = ProjectConfig(None, tmp_path / "cache", {"bp4d": dataset})
+    assert BP4D.version == 2
+    key = index_store(project, dataset)[0].key
+    monkeypatch.setattr(BP4D, "version", 1)
+    before = index_store(project, dataset)
+    assert before[0].key != key and "adapter_version" not in before[2]   # version 1 keeps the keys of old indexes
 
 
 def test_bp4d_stride_window_and_bad_frames(tmp_path):
@@ -330,7 +359,7 @@ def test_disfa_binarised_intensities_windows_and_folds(tmp_path):
     assert row["au"] == [float(F.disfa_intensity("SN003", 10, a) >= 2) for a in L.DISFA_AUS]
     assert row["media_kind"] == "video" and row["media_path"].endswith("Videos_LeftCamera/LeftVideoSN003_comp.avi")
     assert (row["frame_start"], row["frame_end"]) == (1, 17)          # video frame 9 centred, frames 1-based
-    assert (rows["SN003_30"]["frame_start"], rows["SN003_30"]["frame_end"]) == (14, 30)
+    assert (rows["SN003_30"]["frame_start"], rows["SN003_30"]["frame_end"]) == (21, 37)   # last frame: the centre
     assert rows["SN001_1"]["fold"] == 3 and rows["SN013_1"]["fold"] == 2 and rows["SN003_1"]["fold"] == 1
     _, strict = index("disfa", root, threshold=4)
     assert strict["SN003_10"]["au"] == [float(F.disfa_intensity("SN003", 10, a) >= 4) for a in L.DISFA_AUS]

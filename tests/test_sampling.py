@@ -39,22 +39,31 @@ def test_bad_arguments():
         sample_indices(10, method="random")
 
 
+def test_a_window_past_the_ends_repeats_the_edge_frames_and_keeps_its_centre():
+    (view,), padded = sample_indices(20, start=-2, end=14)          # 16 frames centred on frame 6
+    assert view == [0, 0, 0] + list(range(1, 14)) and view[8] == 6 and padded
+    (view,), padded = sample_indices(20, start=11, end=27)          # 16 frames centred on frame 19, the last
+    assert view == list(range(11, 20)) + [19] * 7 and view[8] == 19 and padded
+    with pytest.raises(ValueError, match="not centred inside the media's 20 frames"):
+        sample_indices(20, start=14, end=30)                        # centre 22: the labelled frame is not there
+
+
 @settings(max_examples=300, deadline=None)
 @given(n=st.integers(1, 500), method=st.sampled_from(["uniform", "stride", "segment"]),
        frames=st.integers(1, 32), stride=st.integers(1, 8), views=st.integers(1, 4),
-       start=st.integers(0, 600), length=st.integers(-1, 600))
+       start=st.integers(-40, 600), length=st.integers(-1, 600))
 def test_properties(n, method, frames, stride, views, start, length):
     end = -1 if length < 0 else start + length
-    lo, hi = start, n if end < 0 else min(end, n)
-    if lo >= hi:
-        with pytest.raises(ValueError, match="holds none"):
+    lo, hi = start, n if end < 0 else end
+    if not (lo < hi and 0 <= lo + (hi - lo) // 2 < n):
+        with pytest.raises(ValueError, match="not centred inside"):
             sample_indices(n, start=start, end=end)
         return
     out, padded = sample_indices(n, method=method, num_frames=frames, stride=stride, views=views, start=start,
                                  end=end)
     assert len(out) == views and all(len(v) == frames for v in out)
     for view in out:
-        assert all(lo <= i < hi for i in view), (view, lo, hi)
+        assert all(max(lo, 0) <= i < min(hi, n) for i in view), (view, lo, hi)
         assert view == sorted(view)
     if not padded:
         assert all(len(set(v)) == frames for v in out)

@@ -41,6 +41,9 @@ class BadSample(Exception):
 
 class DatasetAdapter:
     kind: ClassVar[str]
+    # Bump when the rows change for the same annotations and options: the index key changes with it, so stores
+    # computed from the old rows are not reused (a changed row under the same key would keep its old frames).
+    version: ClassVar[int] = 1
     label_set: ClassVar[str]          # a name from affectprep.labels; an adapter may refine it per instance
     Options: ClassVar[type]           # frozen dataclass, every field with a default
 
@@ -168,10 +171,13 @@ def failed_row(sample_id: str, error: str, known: dict[str, Any] | None = None) 
     return {**_EMPTY_ROW, **(known or {}), "sample_id": sample_id, "status": schema.STATUS_FAILED, "error": error}
 
 
-def centred_window(position: int, num_frames: int, window: int) -> tuple[int, int]:
-    """[start, end) of `window` frames centred on `position`, shifted to stay inside [0, num_frames)."""
-    start = max(0, min(position - window // 2, num_frames - window))
-    return start, min(num_frames, start + window)
+def centred_window(position: int, window: int) -> tuple[int, int]:
+    """[start, end) of `window` frames whose centre frame start + window // 2 is `position` (SSM Eqs. 4-5: the
+    labelled frame is the centre of its clip). Near either end of the media the window reaches past it (start < 0
+    or end > its length); the frames stage repeats the edge frame there rather than shift the window, which would
+    put another frame at the centre."""
+    start = position - window // 2
+    return start, start + window
 
 
 def text_lines(path: Path) -> Iterator[tuple[int, str]]:

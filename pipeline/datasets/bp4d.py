@@ -6,7 +6,8 @@ are AU numbers (`1`, `2`, ... or `AU1`, ...); values 0/1, and 9 = not coded (sto
 the AU frame numbers start at 1, so image = frame - 1 (option `image_offset`, default -1).
 
 A sample is one labelled frame (every `frame_stride`-th one): media = the sequence's frame folder, the window =
-`window` frames centred on it (as positions in the folder's frame order), `au` = the bp4d12 vector of that frame.
+`window` frames centred on it (as positions in the folder's frame order; near the sequence's ends it reaches past
+them and the edge frames repeat, so the labelled frame stays the centre), `au` = the bp4d12 vector of that frame.
 sample_id `<subject>_<task>_<frame>`.
 
 Folds: the 3 subject folds of JAA-Net / ME-GraphAU, numbered as ME-GraphAU's list files number their test sets
@@ -39,6 +40,7 @@ OCCURRENCE = {"0": 0.0, "1": 1.0, "9": math.nan}
 @register_adapter("bp4d")
 class BP4D(DatasetAdapter):
     label_set = "bp4d12"
+    version = 2     # 2: windows near the ends stay centred on the labelled frame (were shifted inside)
 
     @dataclass(frozen=True)
     class Options:
@@ -116,7 +118,7 @@ class BP4D(DatasetAdapter):
         image = int(frame) + self.options.image_offset
         if image not in sequence.positions:
             raise BadSample(f"frame {int(frame)}: no image numbered {image} in {self.show(sequence.folder)}")
-        start, end = centred_window(sequence.positions[image], sequence.num_images, self.options.window)
+        start, end = centred_window(sequence.positions[image], self.options.window)
         return {"sample_id": sample_id, "media_path": str(sequence.folder), "media_kind": "frames",
                 "frame_start": start, "frame_end": end, "au": au, "subject": subject, "fold": FOLDS.get(subject, 0)}
 

@@ -5,7 +5,8 @@ video frame); videos `Videos_LeftCamera/LeftVideoSN001_comp.avi` (for the right 
 Occurrence = intensity >= `threshold` (2, the usual rule). A frame missing from one AU's file has that AU NaN.
 
 A sample is one labelled frame (every `frame_stride`-th): media = the subject's video, the window = `window` frames
-centred on it (video frame index = frame number - 1), `au` = the disfa8 vector. sample_id `<subject>_<frame>`.
+centred on it (video frame index = frame number - 1; near the video's ends the edge frames repeat, so the labelled
+frame stays the centre), `au` = the disfa8 vector. sample_id `<subject>_<frame>`.
 
 Folds: the 3 subject folds of JAA-Net / ME-GraphAU, numbered as ME-GraphAU's list files number their test sets
 (fold 1 tests the third part, fold 3 the first). A subject outside those lists gets fold 0.
@@ -34,6 +35,7 @@ FOLDS = {subject: 3 - part for part, subjects in enumerate(_PARTS) for subject i
 @register_adapter("disfa")
 class DISFA(DatasetAdapter):
     label_set = "disfa8"
+    version = 2     # 2: windows near the ends stay centred on the labelled frame (were shifted inside)
 
     @dataclass(frozen=True)
     class Options:
@@ -99,21 +101,19 @@ class DISFA(DatasetAdapter):
             video = self.media_file(self.inside(media, self.options.video_name.format(subject=subject)))
         except BadSample as e:
             video, video_error = None, str(e)
-        frames = sorted(intensities)
-        num_frames = frames[-1] if frames else 0
-        for frame in frames[::self.options.frame_stride]:
+        for frame in sorted(intensities)[::self.options.frame_stride]:
             path, line = where[frame]
             yield self.attempt(path, line, lambda known: self._frame(
-                subject, frame, intensities[frame], video, video_error, num_frames, path, line, known))
+                subject, frame, intensities[frame], video, video_error, path, line, known))
 
     def _frame(self, subject: str, frame: int, values: dict[int, int], video: Path | None, video_error: str | None,
-               num_frames: int, path: Path, line: int, known: dict[str, Any]) -> dict[str, Any]:
+               path: Path, line: int, known: dict[str, Any]) -> dict[str, Any]:
         known.update(subject=subject, fold=FOLDS.get(subject, 0))
         sample_id = self.claim(f"{subject}_{frame}", path, line, known)
         if video is None:
             raise BadSample(video_error)
         au = [float(values[a] >= self.options.threshold) if a in values else math.nan for a in DISFA_AUS]
-        start, end = centred_window(frame - 1, num_frames, self.options.window)
+        start, end = centred_window(frame - 1, self.options.window)
         return {"sample_id": sample_id, "media_path": str(video), "media_kind": "video", "frame_start": start,
                 "frame_end": end, "au": au, "subject": subject, "fold": FOLDS.get(subject, 0)}
 
