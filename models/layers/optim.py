@@ -2,8 +2,9 @@
 
 A model names the group each parameter belongs to (e.g. SSM: "visual_encoder" for the pretrained CLIP weights and
 "new" for the rest) and, optionally, a learning-rate scale per parameter (GRACE's layer-wise decay). The groups
-come back split by weight decay: biases and norm weights (1-D tensors) take none, as in every paper's reference
-code (timm, MAE-DFER, CLIP fine-tuning), and so do the parameters a model lists as `no_decay`.
+come back split by weight decay: biases and norm weights (1-D tensors) take none, as in most papers' reference
+code (timm, MAE-DFER, CLIP fine-tuning), unless a model asks for `decay_vectors` (SSM decays "uniformly"), and so do
+the parameters a model lists as `no_decay`.
 """
 from __future__ import annotations
 
@@ -15,7 +16,8 @@ from torch import Tensor
 def parameter_groups(named_parameters: Iterable[tuple[str, Tensor]], *, lr: float | dict[str, float],
                      weight_decay: float | dict[str, float], group_of: Callable[[str], str] = lambda name: "all",
                      lr_scale_of: Callable[[str], float] = lambda name: 1.0,
-                     no_decay: Callable[[str, Tensor], bool] = lambda name, p: False) -> list[dict]:
+                     no_decay: Callable[[str, Tensor], bool] = lambda name, p: False,
+                     decay_vectors: bool = False) -> list[dict]:
     """Optimiser groups of the trainable parameters.
 
     lr / weight_decay: one value, or one per group name (every name `group_of` returns must be there). Each
@@ -27,7 +29,7 @@ def parameter_groups(named_parameters: Iterable[tuple[str, Tensor]], *, lr: floa
         if not parameter.requires_grad:
             continue
         group = group_of(name)
-        decays = parameter.ndim > 1 and not no_decay(name, parameter)
+        decays = (decay_vectors or parameter.ndim > 1) and not no_decay(name, parameter)
         scale = float(lr_scale_of(name))
         entry = groups.get((group, scale, decays))
         if entry is None:
