@@ -1,8 +1,9 @@
 """SSM's mixture-of-experts cost: a training step with MoE FFNs in the last 6 CLIP blocks against plain CLIP FFNs.
 
-One step = forward of one batch of clips, both losses (expressions and AUs) on it, backward. The same model is
-built twice from the same seed, once with `moe_layers` at its default (6; tiny: 1) and once with 0, so the only
-difference is the MoE (router, 4 private experts of hidden 512 routed top-2, gamma). Sizes: tiny (the test config)
+One step = forward and backward of one batch of clips per task (expressions, then AUs, each through its own private
+experts), as the trainer steps. The same model is built twice from the same seed, once with `moe_layers` at its
+default (6; tiny: 1) and once with 0, so the only difference is the MoE (per task a router and 4 private experts of
+hidden 512 routed top-2; gamma). Sizes: tiny (the test config)
 and real (CLIP ViT-B/16 towers, random init, batch 2 of 16 frames at 224 px; few steps on a CPU). Figures only.
 Usage: python bench/bench_ssm_moe.py [--device cpu] [--tiny-steps 20] [--real-steps 2] [--skip-real]
 """
@@ -32,8 +33,9 @@ def build(tiny: bool, moe: bool, device: str):
 
 def train_step(model, frames: torch.Tensor, targets: dict, device: str) -> None:
     model.zero_grad(set_to_none=True)
-    outputs = model(frames)
-    model.loss({"expression": outputs, "au": outputs}, targets)["loss"].backward()
+    for task in ("expression", "au"):
+        outputs = model(frames, task=task)
+        model.loss({task: outputs}, {task: targets[task]})["loss"].backward()
     if device.startswith("cuda"):
         torch.cuda.synchronize()
 

@@ -7,6 +7,8 @@ with transcripts) through the audio stage, leaving one session out.
 """
 from __future__ import annotations
 
+import dataclasses
+import json
 import math
 import shutil
 from pathlib import Path
@@ -19,6 +21,7 @@ from affectprep.config import DatasetConfig, ProjectConfig, write_project
 from affectprep.labels import BP4D_AUS
 from affectprep.models.evaluate import evaluate_run
 from affectprep.models.explain import explain_sample
+from affectprep.models.registry import model_ablations
 from affectprep.models.runs import RunFolder, TrainConfig
 from affectprep.models.train import train
 from affectprep.pipeline.dag import run_pipeline
@@ -145,6 +148,34 @@ def test_explain_draws_the_learnt_dpm_maps_of_the_run(ssm_run, ssm_sources):
     assert png.name == "ssm_dpm_maps.png" and png.read_bytes()[:4] == b"\x89PNG"
     image = cv2.imread(str(png))
     assert image is not None and min(image.shape[:2]) > 200
+
+
+# Each distinct option set of SSM's registered ablation rows (many rows share one: the full model recurs in
+# every table), as (rows, options).
+ABLATION_SETS: dict[str, tuple[list[str], dict]] = {}
+for _ablation in model_ablations("ssm"):
+    _key = json.dumps(_ablation.set, sort_keys=True)
+    ABLATION_SETS.setdefault(_key, ([], _ablation.set))[0].append(f"{_ablation.table}: {_ablation.row}")
+TRAIN_OPTIONS = {f.name for f in dataclasses.fields(TrainConfig)}
+
+
+@pytest.mark.parametrize("key", list(ABLATION_SETS), ids=[rows[0] for rows, _ in ABLATION_SETS.values()])
+def test_every_ssm_ablation_row_trains_one_tiny_epoch(key, ssm_sources, tmp_path):
+    rows, options = ABLATION_SETS[key]
+    model = {name[len("model."):]: value for name, value in options.items() if name.startswith("model.")}
+    train_options = {name: value for name, value in options.items() if not name.startswith("model.")}
+    unknown = set(train_options) - TRAIN_OPTIONS
+    if unknown:
+        pytest.skip(f"training option(s) {sorted(unknown)} not in TrainConfig yet (rows {rows})")
+    if train_options.get("fold", 1) is None:
+        train_options["fold"] = 1    # FERV39k's fixed split: the fixture's expressions have folds; au_fold is tested
+    tasks = model.get("tasks", ["expression", "au"])
+    sources = {task: ssm_sources[task] for task in tasks}
+    config = TrainConfig(**{**SSM, "epochs": 1, "eval_every": 1, **train_options, "model": model})
+    run = RunFolder(train(config, sources, tmp_path, echo=lambda line: None))
+    assert run.config().model == model
+    results = run.read_json("results.json")
+    assert set(tasks) <= set(results) and math.isfinite(run.read_json("metrics.json")[0]["loss"])
 
 
 # ---- MGCMA: IEMOCAP speech + transcripts ---------------------------------------------------------------------

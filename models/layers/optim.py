@@ -1,7 +1,7 @@
 """Optimiser parameter groups, shared by every model.
 
-A model names the group each parameter belongs to (e.g. SSM: "visual_encoder" for the pretrained CLIP weights and
-"new" for the rest) and, optionally, a learning-rate scale per parameter (GRACE's layer-wise decay). The groups
+A model names the group each parameter belongs to (e.g. SSM: "visual_encoder" for its CLIP vision encoder and "new"
+for the rest) and, optionally, a learning-rate scale per parameter (GRACE's layer-wise decay). The groups
 come back split by weight decay: biases and norm weights (1-D tensors) take none, as in most papers' reference
 code (timm, MAE-DFER, CLIP fine-tuning), unless a model asks for `decay_vectors` (SSM decays "uniformly"), and so do
 the parameters a model lists as `no_decay`.
