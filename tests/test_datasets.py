@@ -12,6 +12,7 @@ import dataset_fixtures as F
 from affectprep import labels as L
 from affectprep import schema
 from affectprep.pipeline.datasets import ADAPTERS, DatasetError, build_index, make_adapter, options_for
+from affectprep.pipeline.dag import resolve_media
 from affectprep.pipeline.stages.frames import FramesConfig, FramesStage
 
 
@@ -299,6 +300,7 @@ def test_bp4d_labelled_frame_is_the_centre_of_its_sampled_clip_up_to_the_sequenc
     root = F.make_bp4d(tmp_path, sequences=(("F001", "T1"),))
     _, rows = index("bp4d", root)
     stage = FramesStage(FramesConfig())
+    rows = {sample_id: resolve_media(row, str(root)) for sample_id, row in rows.items()}
     for frame in range(1, 21):
         sampled = stage.process_one(rows[f"F001_T1_{frame}"])
         indices = sampled["frame_indices"]
