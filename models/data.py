@@ -399,8 +399,9 @@ class StoreClips(StoreSamples):
         picked = view * per_view + (np.arange(per_view) if self.num_frames is None else
                                     np.linspace(0, per_view - 1, self.num_frames).round().astype(int))
         frames = decode_frames([row["crops"][i] for i in picked])
-        # The source frame number of each picked frame (explanations label frames by them).
-        indices = {"frame_indices": torch.tensor([row["frame_indices"][i] for i in picked], dtype=torch.long)}
+        # The source frame number of each picked frame (explanations label frames by them), where the store has them.
+        indices = ({} if row.get("frame_indices") is None else
+                   {"frame_indices": torch.tensor([row["frame_indices"][i] for i in picked], dtype=torch.long)})
         if not self.landmarks:
             return {"frames": self.augment(frames, rng), **indices}
         points = np.asarray([row["landmarks"][i] for i in picked], dtype=np.float32)
@@ -524,11 +525,10 @@ def _shuffled(items: Iterator[T], buffer_size: int, rng: np.random.Generator) ->
 
 
 def collate(batch: list[dict[str, Any]]) -> dict[str, Any]:
-    """Items -> one batch (see models/registry.py for the keys): frames (B, T, 3, H, W) with their source
-    frame_indices (B, T), or cached visual_tokens; labels (B,), views (B,), sample_ids [B], and when the items have
-    them: au (B, M), landmarks (B, T, P, 2),
-    texts [B], cached text_tokens (B, L, D) / audio_tokens (B, T, D) padded with text_mask / audio_mask, waveform
-    (B, N) padded with waveform_mask (B, N)."""
+    """Items -> one batch (see models/registry.py for the keys): frames (B, T, 3, H, W) or cached visual_tokens,
+    labels (B,), views (B,), sample_ids [B], and when the items have them: frame_indices (B, T) (the frames'
+    source frame numbers), au (B, M), landmarks (B, T, P, 2), texts [B], cached text_tokens (B, L, D) /
+    audio_tokens (B, T, D) padded with text_mask / audio_mask, waveform (B, N) padded with waveform_mask (B, N)."""
     if not batch:
         raise ValueError("cannot collate an empty batch")
     out: dict[str, Any] = {"labels": torch.tensor([item["label"] for item in batch], dtype=torch.long),

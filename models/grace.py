@@ -703,8 +703,8 @@ def _ablations() -> list[Ablation]:
             Ablation("Table II", "Baseline + OT + Visual Enhancement", without_cate),
             Ablation("Table II", "Full Model (GRACE)", {})]
     # Table I's GRACE rows are Table II's from OT on (*: OT, dagger: + CATE, double dagger: + MotionDiff), per dataset.
-    rows += [Ablation("Table I", name, row.set) for name, row in zip(("GRACE*", "GRACE*\u2020", "GRACE*\u2021", "GRACE*\u2020\u2021"),
-                                                                      rows[1:])]
+    marks = ("GRACE*", "GRACE*\u2020", "GRACE*\u2021", "GRACE*\u2020\u2021")
+    rows += [Ablation("Table I", name, row.set) for name, row in zip(marks, rows[1:])]
     for matching, label in (("cosine", "Cosine Similarity Matching"), ("cross_attention", "Cross-Attention Matching"),
                             ("ot", "OT Alignment (Full Model)")):
         for level, text in (("sentence", "Sentence-level token"), ("token", "Fine-grained token")):

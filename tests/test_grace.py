@@ -473,7 +473,8 @@ def mae_decoder_shapes(dim=32, decoder=24, tubelet=2, patch=16) -> dict[str, tup
     shapes = {f"{block}norm1.weight": (decoder,), f"{block}norm1.bias": (decoder,),
               f"{block}attn.qkv.weight": (3 * decoder, decoder), f"{block}attn.q_bias": (decoder,),
               f"{block}attn.v_bias": (decoder,), f"{block}attn.proj.weight": (decoder, decoder),
-              f"{block}attn.proj.bias": (decoder,), f"{block}norm2.weight": (decoder,), f"{block}norm2.bias": (decoder,),
+              f"{block}attn.proj.bias": (decoder,), f"{block}norm2.weight": (decoder,),
+              f"{block}norm2.bias": (decoder,),
               f"{block}mlp.fc1.weight": (4 * decoder, decoder), f"{block}mlp.fc1.bias": (4 * decoder,),
               f"{block}mlp.fc2.weight": (decoder, 4 * decoder), f"{block}mlp.fc2.bias": (decoder,),
               "decoder.norm.weight": (decoder,), "decoder.norm.bias": (decoder,),
@@ -552,7 +553,8 @@ def test_a_wrong_video_checkpoint_is_a_one_line_error_naming_the_keys(tmp_path):
         tiny_grace(video_encoder=str(wrong))
     message = str(error.value)
     assert "\n" not in message
-    for key in ("missing blocks.1.third_attn_norm1.weight", "unexpected blocks.1.extra.weight", "lg_region_tokens (3, 32)"):
+    for key in ("missing blocks.1.third_attn_norm1.weight", "unexpected blocks.1.extra.weight",
+                "lg_region_tokens (3, 32)"):
         assert key in message, message
     unsafe = tmp_path / "unsafe.pth"
     torch.save({"model": state, "extra": np.zeros(3)}, unsafe)

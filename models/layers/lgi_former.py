@@ -182,7 +182,8 @@ class LGIFormer(nn.Module):
         self.patch_embed = PatchEmbed(config)
         self.register_buffer("pos_embed", sinusoid_table(math.prod(grid), config.hidden_size), persistent=False)
         depth = config.num_hidden_layers
-        self.blocks = nn.ModuleList(LGIBlock(config, rate) for rate in torch.linspace(0, drop_path_rate, depth).tolist())
+        rates = torch.linspace(0, drop_path_rate, depth).tolist()
+        self.blocks = nn.ModuleList(LGIBlock(config, rate) for rate in rates)
         self.lg_region_tokens = nn.Parameter(torch.zeros(math.prod(config.region_grid), config.hidden_size))
         nn.init.trunc_normal_(self.lg_region_tokens, std=0.02)
         self.norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)

@@ -12,8 +12,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from affectprep.config import ConfigError
 from transformers import BertConfig, BertModel, PreTrainedTokenizerBase
+
+from affectprep.config import ConfigError
 
 from ..text import load_tokenizer
 from .checkpoints import load_exactly, nested_state_dict, read_checkpoint, split_keys
