@@ -387,7 +387,8 @@ class StoreClips(StoreSamples):
         if num_frames is not None and num_frames < 1:
             raise ValueError(f"num_frames must be at least 1, got {num_frames}")
         self.augment, self.landmarks, self.num_frames = augment, landmarks, num_frames
-        self.item_columns = ("sample_id", "frames_per_view", "crops", "size") + (("landmarks",) if landmarks else ())
+        self.item_columns = (("sample_id", "frames_per_view", "crops", "size", "frame_indices")
+                             + (("landmarks",) if landmarks else ()))
         super().__init__(faces, samples, **options)
 
     def _num_views(self, row: dict[str, Any]) -> int:
@@ -398,12 +399,15 @@ class StoreClips(StoreSamples):
         picked = view * per_view + (np.arange(per_view) if self.num_frames is None else
                                     np.linspace(0, per_view - 1, self.num_frames).round().astype(int))
         frames = decode_frames([row["crops"][i] for i in picked])
+        # The source frame number of each picked frame (explanations label frames by them), where the store has them.
+        indices = ({} if row.get("frame_indices") is None else
+                   {"frame_indices": torch.tensor([row["frame_indices"][i] for i in picked], dtype=torch.long)})
         if not self.landmarks:
-            return {"frames": self.augment(frames, rng)}
+            return {"frames": self.augment(frames, rng), **indices}
         points = np.asarray([row["landmarks"][i] for i in picked], dtype=np.float32)
         points = points.reshape(len(picked), -1, 2) / float(row["size"])
         clip, points = self.augment.with_landmarks(frames, points, rng)
-        return {"frames": clip, "landmarks": points}
+        return {"frames": clip, "landmarks": points, **indices}
 
 
 class StoreFeatures(StoreSamples):
@@ -522,15 +526,15 @@ def _shuffled(items: Iterator[T], buffer_size: int, rng: np.random.Generator) ->
 
 def collate(batch: list[dict[str, Any]]) -> dict[str, Any]:
     """Items -> one batch (see models/registry.py for the keys): frames (B, T, 3, H, W) or cached visual_tokens,
-    labels (B,), views (B,), sample_ids [B], and when the items have them: au (B, M), landmarks (B, T, P, 2),
-    texts [B], cached text_tokens (B, L, D) / audio_tokens (B, T, D) padded with text_mask / audio_mask, waveform
-    (B, N) padded with waveform_mask (B, N)."""
+    labels (B,), views (B,), sample_ids [B], and when the items have them: frame_indices (B, T) (the frames'
+    source frame numbers), au (B, M), landmarks (B, T, P, 2), texts [B], cached text_tokens (B, L, D) /
+    audio_tokens (B, T, D) padded with text_mask / audio_mask, waveform (B, N) padded with waveform_mask (B, N)."""
     if not batch:
         raise ValueError("cannot collate an empty batch")
     out: dict[str, Any] = {"labels": torch.tensor([item["label"] for item in batch], dtype=torch.long),
                            "views": torch.tensor([item["view"] for item in batch], dtype=torch.long),
                            "sample_ids": [item["sample_id"] for item in batch]}
-    for name in ("frames", "visual_tokens", "landmarks"):
+    for name in ("frames", "frame_indices", "visual_tokens", "landmarks"):
         if name in batch[0]:
             shapes = {tuple(item[name].shape) for item in batch}
             if len(shapes) != 1:

@@ -1,8 +1,8 @@
 """GRACE's training objective (paper Eqs. 6-9): weighted focal + supervised contrastive with mixup + auxiliary text CE.
 
 Targets are class indices (B,) or class distributions (B, C) (mixed-up or smoothed labels) everywhere. Values the
-paper leaves open are defaults here: focal gamma 2 and alpha 1 (the class weights already balance), contrastive
-temperature 0.07 and mixup Beta(0.2, 0.2), lambdas (1, 1, 1).
+paper leaves open are defaults here (choices): focal gamma 2 and alpha 1 (the class weights already balance),
+contrastive temperature 0.07 and mixup Beta(0.2, 0.2), lambdas (1, 1, 1).
 """
 from __future__ import annotations
 
@@ -65,58 +65,65 @@ def auxiliary_text_loss(text_logits: Tensor, targets: Tensor) -> Tensor:
     return -(probabilities * F.log_softmax(text_logits.float(), dim=-1)).sum(-1).mean()
 
 
-def supervised_contrastive_loss(visual: Tensor, text: Tensor, targets: Tensor, *, temperature: float = 0.07,
+def supervised_contrastive_loss(similarity: Tensor, targets: Tensor, *, temperature: float = 0.07,
                                 mixup_alpha: float = 0.0, num_classes: int | None = None) -> Tensor:
-    """Cross-modal supervised contrastive loss (Eq. 7): visual anchors against text features.
+    """Cross-modal supervised contrastive loss (Eq. 7) over a similarity matrix s(v, u) (N videos x N texts).
 
-    With mixup_alpha > 0 the batch of N pairs is extended to 2N by mixing each pair's visual and text embeddings
-    (and labels) with those of a random partner, lambda ~ Beta(alpha, alpha) (torch's global RNG, which the
-    trainer seeds). For anchor i the denominator runs over every text feature j != i; the positives are the
-    other samples of the same class, weighted by label overlap y_i . y_j so mixed samples count as partly
-    positive. Averaged over the anchors that have a positive; 0 when none has.
+    GRACE's s is the plan-weighted token similarity (III-D c; `Grace.pair_similarity`); for pooled embeddings it
+    is f_v . f_t. Anchor i is video i: the denominator runs over every text j != i (the [j != i] of Eq. 7), the
+    positives are the other samples of the same class, weighted by label overlap y_i . y_j so mixed samples count
+    as partly positive; averaged over the anchors that have a positive, 0 when none has.
+
+    Mixup (mixup_alpha > 0): the batch of N pairs is extended to 2N by mixing each pair with a random partner,
+    lambda ~ Beta(alpha, alpha) (torch's global RNG, which the trainer seeds). A similarity is linear in each
+    side's features, so mixing the features of both sides is s' = M s M^T with M = [I; lambda I + (1 - lambda)
+    P] (P the partner permutation), and the labels are mixed by M too.
     """
-    if visual.dim() != 2 or visual.shape != text.shape:
-        raise ValueError(f"visual and text embeddings must both be (B, D) of one shape, got "
-                         f"{tuple(visual.shape)} and {tuple(text.shape)}")
+    if similarity.dim() != 2 or similarity.shape[0] != similarity.shape[1]:
+        raise ValueError(f"similarity must be a square (N videos x N texts) matrix, got {tuple(similarity.shape)}")
+    size = similarity.shape[0]
     if num_classes is None and targets.dim() == 1:
         num_classes = int(targets.max().item()) + 1 if targets.numel() else 1
-    labels = _target_distribution(targets, visual.shape[0], num_classes or targets.shape[-1])
-    visual, text = visual.float(), text.float()
-    if mixup_alpha > 0 and visual.shape[0] > 1:
+    labels = _target_distribution(targets, size, num_classes or targets.shape[-1])
+    similarity = similarity.float()
+    if mixup_alpha > 0 and size > 1:
         mix = torch.distributions.Beta(mixup_alpha, mixup_alpha).sample().item()
-        partner = torch.randperm(visual.shape[0], device=visual.device)
-        visual = torch.cat([visual, mix * visual + (1 - mix) * visual[partner]])
-        text = torch.cat([text, mix * text + (1 - mix) * text[partner]])
-        labels = torch.cat([labels, mix * labels + (1 - mix) * labels[partner]])
+        partner = torch.randperm(size, device=similarity.device)
+        identity = torch.eye(size, device=similarity.device)
+        mixing = torch.cat([identity, mix * identity + (1 - mix) * identity[partner]])       # M, (2N, N)
+        similarity = mixing @ similarity @ mixing.T
+        labels = mixing @ labels
 
-    similarity = F.normalize(visual, dim=-1) @ F.normalize(text, dim=-1).T / temperature
-    others = ~torch.eye(similarity.shape[0], dtype=torch.bool, device=similarity.device)
-    log_prob = similarity - torch.logsumexp(similarity.masked_fill(~others, -torch.inf), dim=1, keepdim=True)
+    logits = similarity / temperature
+    others = ~torch.eye(logits.shape[0], dtype=torch.bool, device=logits.device)
+    log_prob = logits - torch.logsumexp(logits.masked_fill(~others, -torch.inf), dim=1, keepdim=True)
     positive = (labels @ labels.T) * others
     mass = positive.sum(dim=1)
     has_positive = mass > 0
     if not has_positive.any():
-        return similarity.sum() * 0.0   # keeps the graph connected for distributed backward
+        return logits.sum() * 0.0   # keeps the graph connected for distributed backward
     per_anchor = -(positive * log_prob.masked_fill(~others, 0.0)).sum(dim=1) / mass.clamp_min(1e-12)
     return per_anchor[has_positive].mean()
 
 
-def grace_loss(outputs: dict[str, Tensor], labels: Tensor, weights: Tensor | None = None,
+def grace_loss(outputs: dict[str, Tensor], similarity: Tensor | None, labels: Tensor, weights: Tensor | None = None,
                lambdas: tuple[float, float, float] = (1.0, 1.0, 1.0), *, gamma: float = 2.0,
                temperature: float = 0.07, mixup_alpha: float = 0.2) -> tuple[Tensor, dict[str, Tensor]]:
-    """Total loss (Eq. 9) = l1 * focal(logits) + l2 * supcon(visual, text embeddings) + l3 * aux CE(text_logits).
+    """Total loss (Eq. 9) = l1 * focal(logits) + l2 * supcon(similarity) + l3 * aux CE(text_logits).
 
-    `outputs` is a GRACE forward's dict; `weights` the class weights (see inverse_sqrt_class_weights). Returns the
-    total and the detached parts {"focal", "supcon", "aux"} for logging.
+    `outputs` is a GRACE forward's dict, `similarity` its batch's pair similarities (`Grace.pair_similarity`);
+    `weights` the class weights (see inverse_sqrt_class_weights). The vision-only baseline (no text: similarity
+    None, no text_logits) has only the focal term; the others are zeros. Returns the total and the detached parts
+    {"focal", "supcon", "aux"} for logging.
     """
     focal_weight, supcon_weight, aux_weight = lambdas
     logits = outputs["logits"]
+    zero = logits.sum() * 0.0
     parts = {
         "focal": focal_loss(logits, labels, weights, gamma=gamma),
-        "supcon": supervised_contrastive_loss(outputs["visual_embedding"], outputs["text_embedding"], labels,
-                                              temperature=temperature, mixup_alpha=mixup_alpha,
-                                              num_classes=logits.shape[-1]),
-        "aux": auxiliary_text_loss(outputs["text_logits"], labels),
+        "supcon": zero if similarity is None else supervised_contrastive_loss(
+            similarity, labels, temperature=temperature, mixup_alpha=mixup_alpha, num_classes=logits.shape[-1]),
+        "aux": auxiliary_text_loss(outputs["text_logits"], labels) if "text_logits" in outputs else zero,
     }
     total = focal_weight * parts["focal"] + supcon_weight * parts["supcon"] + aux_weight * parts["aux"]
     return total, {name: value.detach() for name, value in parts.items()}

@@ -153,7 +153,7 @@ def build_model(config: TrainConfig, sources: dict[str, Sources]) -> nn.Module:
         if "video_features" in accepts:       # video models: cached VideoMAE tokens (and text tokens)
             options.update(video_features=True, text_features="text_features" in main.stores)
             # The token grid and width are those of the encoder that made the cache.
-            options.setdefault("pretrained", _encoder_of(main.store("features"), "video_encoder"))
+            options.setdefault("video_encoder", _encoder_of(main.store("features"), "video_encoder"))
             if "text_features" in main.stores:
                 options.setdefault("text_dim", _last_dim(main.store("text_features"), "text_shape"))
         elif "features" in accepts:           # speech models: cached speech and transcript tokens

@@ -134,6 +134,40 @@ def test_switching_the_llm_keeps_every_vision_store(project, tmp_path):
     assert row["text"].startswith(row["caption"].rstrip()) and "an emotion of" in row["text"]
 
 
+def test_grace_table_iv_switches_each_make_their_own_text_version(project, server):
+    base = stores(project)["cate"]
+    base_rows = {r["sample_id"]: r for r in base.read(status="ok").to_pylist()}
+    keys = {base.key}
+    for switch in ("descriptor_phrases", "label_guidance"):
+        ablated = load_project(project.path, [f"cate.{switch}=false"])
+        sent_before = len(server.bodies)
+        assert run_pipeline(ablated, scheduler="inline", progress=False).failed == 0
+        store = stores(ablated)["cate"]
+        keys.add(store.key)
+        rows = store.read(status="ok").to_pylist()
+        prompts = [json.dumps(b) for b in server.bodies[sent_before:] if b["model"] == "gpt-4o-mini"]
+        # (identical prompts, e.g. the same caption with no guidance, are answered once from the response cache)
+        assert len(rows) == 21 and prompts and all("an emotion of" not in p for p in prompts)
+        row = rows[0]
+        assert row["caption"] == base_rows[row["sample_id"]]["caption"]
+        if switch == "descriptor_phrases":   # the top-3 as bare class names with their probabilities
+            emotions = stores(ablated)["emotions"].read(ids=[row["sample_id"]]).to_pylist()[0]
+            assert row["descriptors"] == [f"{n} (p = {p:.2f})" for n, p in
+                                          zip(emotions["top_names"][:3], emotions["top_probs"][:3])]
+            assert any(all(d in p for d in row["descriptors"]) for p in prompts)
+        else:                                # no predicted emotions at all: the caption alone
+            assert row["descriptors"] == [] and all("classifier predicted" not in p for p in prompts)
+        # With the template backend, no guidance leaves the initial caption unchanged (Table II without CATE).
+        copied = load_project(project.path, [f"cate.{switch}=false", 'cate.llm="template"'])
+        assert run_pipeline(copied, scheduler="inline", progress=False).failed == 0
+        text = stores(copied)["cate"].read(status="ok").to_pylist()[0]
+        if switch == "label_guidance":
+            assert text["text"] == text["caption"]
+        else:
+            assert "an emotion of" not in text["text"] and text["text"].startswith(text["caption"].rstrip())
+    assert len(keys) == 3
+
+
 def test_text_list_cli(project):
     out = subprocess.run([sys.executable, "-m", "affectprep.cli", "text", "list", "--config", str(project.path),
                           "--json"], capture_output=True, text=True)

@@ -18,7 +18,7 @@ from transformers import BertConfig, BertModel, VideoMAEConfig, VideoMAEModel
 from affectprep.config import DatasetConfig, ProjectConfig, load_project, write_project
 from affectprep.models.evaluate import evaluate_run
 from affectprep.models.explain import explain_sample
-from affectprep.models.grace import TINY_TEXT, TINY_VIDEO
+from affectprep.models.grace import TINY_LGI, TINY_TEXT, TINY_VIDEO
 from affectprep.models.runs import RunFolder, TrainConfig
 from affectprep.models.text import tiny_tokenizer
 from affectprep.models.train import train
@@ -104,15 +104,21 @@ def test_explain_draws_the_transport_plan_over_phrases_and_frames(trained, sourc
     png, data = explain_sample(trained, sample, trained / "explain")
     assert png.read_bytes()[:4] == b"\x89PNG"
     info = json.loads(data.read_text())
-    frames = TINY_VIDEO["num_frames"]
-    assert len(info["plan"]) == len(info["phrases"]) > 1 and all(len(row) == frames for row in info["plan"])
-    # Rows of the plan hold 1/L of the mass per real token: the phrases hold all but the special tokens' share.
-    total = sum(map(sum, info["plan"]))
-    assert 0.8 < total <= 1.0 + 1e-5
-    totals = info["frame_totals"]
-    others = [t for t in range(frames) if t not in info["top_frames"]]
-    # Frames of one tubelet share its mass, so ties are expected; no unmarked frame may outrank a marked one.
-    assert min(totals[t] for t in info["top_frames"]) >= max(totals[t] for t in others) - 1e-6
+    frames = TINY_LGI.num_frames
+    assert len(info["mass"]) == len(info["phrases"]) == len(info["colors"]) > 1
+    assert all(len(row) == frames for row in info["mass"])
+    # Frames are named by their source frame numbers: the 4 the tiny model reads of the stored 16 of view 0.
+    faces = sources["expression"].store("faces").read(["frame_indices", "frames_per_view"], ids=[sample])
+    stored = faces.column("frame_indices")[0].as_py()[: faces.column("frames_per_view")[0].as_py()]
+    assert info["frame_indices"] == [stored[i] for i in (0, 5, 10, 15)]
+    # Each real text token holds 1/L of the mass; the phrases hold all but the special tokens' share.
+    assert 0.8 < sum(map(sum, info["mass"])) <= 1.0 + 1e-5
+    # The key frames are the tubelet (key_frames = 2 in the tiny model) of highest cumulative affinity.
+    scores = dict(zip(info["frame_indices"], info["frame_scores"]))
+    assert len(info["key_frames"]) == 2
+    others = [n for n in info["frame_indices"] if n not in info["key_frames"]]
+    assert min(scores[n] for n in info["key_frames"]) >= max(scores[n] for n in others) - 1e-6
+    assert set(info["best_frame"]) == set(info["phrases"]) and set(info["best_frame"].values()) <= set(scores)
 
 
 def test_resume_from_a_checkpoint_equals_the_uninterrupted_run(sources, tmp_path):

@@ -1,6 +1,12 @@
 """`cate`: CATE rewriting, D_final = rewrite(D_init + the "an emotion of <class>" phrases of the top-k), as in
 GRACE (III-B). Backends: openai:<model> (GPT-4o-mini by default; any OpenAI-compatible server), t5:<path-or-id>,
-and `template` (concatenation only: the paper's no-LLM ablation)."""
+and `template` (concatenation only: the paper's no-LLM ablation).
+
+GRACE's Table IV ablations, each a text version of its own (the switches are config values, so in the key):
+`descriptor_phrases = false` ("w/o emotion-descriptor phrase") gives the rewriter the top-k as bare class names
+(cate/rewrite_labels_v1.txt), without the "an emotion of [class]" phrases; `label_guidance = false` ("w/o Top-3
+labels guidance") gives it no predicted emotions at all, only the caption (cate/rewrite_unguided_v1.txt). With
+the template backend the latter copies the initial caption unchanged: Table II's rows without CATE."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -24,6 +30,8 @@ class CateConfig:
     base_url: str | None = None      # an OpenAI-compatible server (vLLM, ...); default OpenAI
     prompt: str = "cate/rewrite_v1.txt"
     top_k: int = 3
+    descriptor_phrases: bool = True  # False: the top-k as bare class names (Table IV "w/o emotion-descriptor phrase")
+    label_guidance: bool = True      # False: no top-k at all, the caption alone (Table IV "w/o Top-3 labels guidance")
     max_tokens: int = 256
     temperature: float = 0.0
     concurrency: int = 16
@@ -51,7 +59,7 @@ class CateStage(Stage):
         # The descriptor phrases come from the FACS tables, so their files are part of the key.
         ident: dict[str, Any] = {"llm": self.config.llm, **{p.name: file_digest(p) for p in facs.source_files()}}
         if self.kind != "template":
-            ident.update(prompt_identity(self.config.prompt))
+            ident.update(prompt_identity(self.prompt_name))
         if self.kind == "t5":
             from ..backends.rewriter_t5 import T5Rewriter
             ident["model"] = T5Rewriter.describe(self.model, max_new_tokens=self.config.max_tokens)
@@ -68,10 +76,17 @@ class CateStage(Stage):
             from ..backends.rewriter_t5 import T5Rewriter
             self.backend = T5Rewriter(self.model, device=c.device, max_new_tokens=c.max_tokens)
 
+    def guidance(self, row: dict[str, Any]) -> list[str]:
+        """The top-k emotions as the rewriter gets them: emotion-descriptor phrases, bare class names, or none."""
+        if not self.config.label_guidance:
+            return []
+        top = row["top_names"][: self.config.top_k]
+        if not self.config.descriptor_phrases:
+            return list(top)
+        return [facs.descriptor(self.context["label_set"], name) for name in top]
+
     def descriptors(self, row: dict[str, Any]) -> list[str]:
-        label_set = self.context["label_set"]
-        return [f"{facs.descriptor(label_set, name)} (p = {p:.2f})"
-                for name, p in list(zip(row["top_names"], row["top_probs"]))[: self.config.top_k]]
+        return [f"{g} (p = {p:.2f})" for g, p in zip(self.guidance(row), row["top_probs"])]
 
     def process(self, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         refused = {row["sample_id"] for row in rows if row["in_fold"] and not self.config.allow_in_fold}
@@ -90,9 +105,16 @@ class CateStage(Stage):
         return [failed_row(row["sample_id"], IN_FOLD) if row["sample_id"] in refused else out[row["sample_id"]]
                 for row in rows]
 
+    @property
+    def prompt_name(self) -> str:
+        """The template the switches ask for: `prompt` for full CATE, else the ablation's own template."""
+        if not self.config.label_guidance:
+            return "cate/rewrite_unguided_v1.txt"
+        return self.config.prompt if self.config.descriptor_phrases else "cate/rewrite_labels_v1.txt"
+
     @cached_property
     def template(self) -> str:
-        return prompt_file(self.config.prompt).read_text()
+        return prompt_file(self.prompt_name).read_text()
 
     def prompt(self, row: dict[str, Any]) -> str:
         listed = "\n".join(f"- {p}" for p in self.descriptors(row))
@@ -120,8 +142,8 @@ class CateStage(Stage):
         return offline_row(sid, "text", text.strip(), "t5", self.model, **self._sources(row))
 
     def _template_row(self, row: dict[str, Any]) -> dict[str, Any]:
-        """Concatenation only: the caption, then the descriptor phrases (GRACE's no-LLM ablation)."""
-        words = [facs.descriptor(self.context["label_set"], name)
-                 for name in row["top_names"][: self.config.top_k]]
-        text = f"{row['caption'].rstrip()} {', '.join(words)}."
+        """Concatenation only: the caption, then the guidance (GRACE's no-LLM ablation); without label guidance,
+        the caption unchanged."""
+        words = self.guidance(row)
+        text = f"{row['caption'].rstrip()} {', '.join(words)}." if words else row["caption"]
         return offline_row(row["sample_id"], "text", text, "template", "", **self._sources(row))
