@@ -148,7 +148,7 @@ def status(config: ConfigOpt = Path(DEFAULT_CONFIG_FILE), cache: CacheOpt = None
         _echo_corrupt(index["corrupt_parts"])
         for s in entry["stages"]:
             stale = f" (stale {s['stale']})" if s["stale"] else ""
-            typer.echo(f"  {s['stage']:8} done {s['done']:>5}/{s['total']:<5} failed {s['failed']:>5}  "
+            typer.echo(f"  {s['name']:8} done {s['done']:>5}/{s['total']:<5} failed {s['failed']:>5}  "
                        f"blocked {s['blocked']:>5}  pending {s['pending']:>5}{stale}  {human_size(s['bytes']):>9}  "
                        f"key {s['key']}" + (f"  backend {s['backend']}" if s.get("backend") else ""))
             _echo_failures(s["failures"], errors)
@@ -207,10 +207,11 @@ def text_list(config: ConfigOpt = Path(DEFAULT_CONFIG_FILE), cache: CacheOpt = N
     if as_json:
         typer.echo(json.dumps(versions, indent=2))
         return
-    typer.echo(f"{'dataset':12} {'stage':8} {'version':16} {'backend':34} {'ok':>6} {'failed':>6} "
+    typer.echo(f"{'dataset':12} {'stage':8} {'version':16} {'fold':>4} {'backend':34} {'ok':>6} {'failed':>6} "
                f"{'tokens in/out':>17} {'cost USD':>9}  current")
     for v in versions:
-        typer.echo(f"{v['dataset']:12} {v['stage']:8} {v['version']:16} {v['backend'][:34]:34} {v['ok']:>6} "
+        fold = "" if v["test_fold"] is None else v["test_fold"]
+        typer.echo(f"{v['dataset']:12} {v['stage']:8} {v['version']:16} {fold:>4} {v['backend'][:34]:34} {v['ok']:>6} "
                    f"{v['failed']:>6} {v['prompt_tokens']:>8}/{v['completion_tokens']:<8} {v['cost_usd']:>9.4f}  "
                    f"{'*' if v['current'] else ''}")
 
@@ -219,12 +220,15 @@ def text_list(config: ConfigOpt = Path(DEFAULT_CONFIG_FILE), cache: CacheOpt = N
 def text_export_batch(stage: Annotated[str, typer.Argument(help="captions or cate")],
                       out: Annotated[Path, typer.Option(help="The JSONL request file to write.")],
                       dataset: Annotated[str, typer.Option(help="The dataset whose pending samples to export.")],
+                      fold: Annotated[Optional[int], typer.Option(
+                          help="The test fold whose version to use (a dataset with official folds has one CATE "
+                               "version per fold).")] = None,
                       config: ConfigOpt = Path(DEFAULT_CONFIG_FILE), cache: CacheOpt = None,
                       set_: Annotated[Optional[list[str]], typer.Option("--set", help="As for `run`.")] = None) -> None:
     """Write the pending requests of a text stage as OpenAI Batch API JSONL (also read by `vllm run-batch`)."""
     from affectprep.pipeline.batch_api import export_requests
 
-    count = export_requests(load_project(config, set_ or [], cache), dataset, stage, out)
+    count = export_requests(load_project(config, set_ or [], cache), dataset, stage, out, fold)
     typer.echo(f"wrote {count} request(s) to {out}; custom_id is the sample id")
 
 
@@ -232,12 +236,15 @@ def text_export_batch(stage: Annotated[str, typer.Argument(help="captions or cat
 def text_import_batch(stage: Annotated[str, typer.Argument(help="captions or cate")],
                       results: Annotated[Path, typer.Argument(help="The Batch API results JSONL.")],
                       dataset: Annotated[str, typer.Option(help="The dataset the requests were exported from.")],
+                      fold: Annotated[Optional[int], typer.Option(
+                          help="The test fold whose version to use (a dataset with official folds has one CATE "
+                               "version per fold).")] = None,
                       config: ConfigOpt = Path(DEFAULT_CONFIG_FILE), cache: CacheOpt = None,
                       set_: Annotated[Optional[list[str]], typer.Option("--set", help="As for `run`.")] = None) -> None:
     """Store a Batch API results file as the stage's rows, for the same config it was exported with."""
     from affectprep.pipeline.batch_api import import_results
 
-    ok, failed = import_results(load_project(config, set_ or [], cache), dataset, stage, results)
+    ok, failed = import_results(load_project(config, set_ or [], cache), dataset, stage, results, fold)
     typer.echo(f"stored {ok} answer(s), {failed} failed (refused, empty, truncated or errored)")
     if failed:
         raise typer.Exit(EXIT_FAILED_SAMPLES)

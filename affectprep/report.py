@@ -60,7 +60,10 @@ def _dataset_section(project: ProjectConfig, entry: dict[str, Any], samples: int
         return {"dataset": name, "html": f"<section>{head}<p class='note'>The index is not built yet: run "
                                           f"<code>affectprep run</code>.</p></section>"}
     stores = {"index": Store(project.cache, name, "index", entry["index"]["key"])}
-    stores.update({s["stage"]: Store(project.cache, name, s["stage"], s["key"]) for s in entry["stages"]})
+    # A stage made per test fold (emotions, CATE) has one store per fold: a clip is shown with its own fold's,
+    # what the model tested on that fold reads.
+    stores.update({(s["stage"] if s["test_fold"] is None else (s["stage"], s["test_fold"])):
+                   Store(project.cache, name, s["stage"], s["key"]) for s in entry["stages"]})
     index = {row["sample_id"]: row for row in stores["index"].read(
         ["sample_id", "media_path", "media_kind", "frame_start", "label", "label_name", "split", "fold",
          "status"]).to_pylist()}
@@ -80,7 +83,7 @@ def _stage_table(entry: dict[str, Any]) -> str:
     for s in entry["stages"]:
         if s["total"] == 0 and not s["bytes"]:   # a stage for other media (audio for videos): nothing to show
             continue
-        rows.append(f"<tr><td>{_e(s['stage'])}</td><td>{s['total']}</td><td>{s['done']}</td>"
+        rows.append(f"<tr><td>{_e(s['name'])}</td><td>{s['total']}</td><td>{s['done']}</td>"
                     f"<td class='{_bad(s['failed'])}'>{s['failed']}</td><td>{s['blocked']}</td><td>{s['pending']}</td>"
                     f"<td>{human_size(s['bytes'])}</td><td><code>{_e(s['key'])}</code></td></tr>")
     excluded = sum(index["excluded"].values())
@@ -140,11 +143,16 @@ def _gallery(project: ProjectConfig, dataset: str, stores: dict[str, Store], ind
     crops = {r["sample_id"]: r for r in faces.read(["sample_id", "crops", "landmarks", "size", "frames_per_view"],
                                                    ids=chosen).to_pylist()}
     captions = _column(stores.get("captions"), chosen, "caption")
-    emotions = {r["sample_id"]: r for r in _rows(stores.get("emotions"), chosen, ["sample_id", "top_names",
-                                                                                  "top_probs", "in_fold"])}
-    current_cate = stores["cate"].key if "cate" in stores else None
-    cate_versions = [(key, _column(Store(project.cache, dataset, "cate", key), chosen, "text"))
-                     for key in list_keys(project.cache, dataset, "cate")]
+    def of_fold(stage: str, sid: str) -> Store | None:
+        return stores.get((stage, index[sid]["fold"])) or stores.get(stage)
+
+    emotions = {sid: next(iter(_rows(of_fold("emotions", sid), [sid], ["sample_id", "top_names", "top_probs",
+                                                                         "in_fold"])), None) for sid in chosen}
+    current = {store.key for key, store in stores.items() if (key[0] if isinstance(key, tuple) else key) == "cate"}
+    cate_versions = []
+    for key in list_keys(project.cache, dataset, "cate"):
+        store = Store(project.cache, dataset, "cate", key)
+        cate_versions.append((key, (store.read_config() or {}).get("test_fold"), _column(store, chosen, "text")))
     items = []
     for sid in chosen:
         row, label = crops[sid], index[sid]["label_name"]
@@ -154,9 +162,10 @@ def _gallery(project: ProjectConfig, dataset: str, stores: dict[str, Store], ind
             for n, p in zip(top["top_names"], top["top_probs"])) + "</ol>"
                     + (" <span class='warn'>in-fold</span>" if top["in_fold"] else "")) if top else "<p>-</p>"
         texts = "".join(
-            f"<div class='text{' current' if key == current_cate else ''}'><div class='version'>cate "
-            f"<code>{_e(key)}</code>{' (current)' if key == current_cate else ''}</div>"
-            f"{_e(found.get(sid, '-'))}</div>" for key, found in cate_versions)
+            f"<div class='text{' current' if key in current else ''}'><div class='version'>cate "
+            f"<code>{_e(key)}</code>{f' fold {fold}' if fold is not None else ''}"
+            f"{' (current)' if key in current else ''}</div>{_e(found.get(sid, '-'))}</div>"
+            for key, fold, found in cate_versions if fold in (None, index[sid]["fold"]))
         items.append(
             f"<div class='clip' data-sample='{_e(sid)}'>"
             f"<div class='clip-head'><b>{_e(sid)}</b> · label <b class='label'>{_e(label)}</b></div>"
@@ -241,11 +250,11 @@ def _text_table(project: ProjectConfig, dataset: str) -> str:
         return ""
     rows = "".join(
         f"<tr class='{'current' if v['current'] else ''}'><td>{_e(v['stage'])}</td><td><code>{_e(v['version'])}"
-        f"</code></td><td>{_e(v['backend'])}</td><td>{_e(v['prompt'] or '-')}</td><td>{v['ok']}</td>"
+        f"</code></td><td>{'' if v['test_fold'] is None else v['test_fold']}</td><td>{_e(v['backend'])}</td><td>{_e(v['prompt'] or '-')}</td><td>{v['ok']}</td>"
         f"<td class='{_bad(v['failed'])}'>{v['failed']}</td><td>{v['prompt_tokens']:,}</td>"
         f"<td>{v['completion_tokens']:,}</td><td>{v['cost_usd']:.4f}</td><td>{'yes' if v['current'] else ''}</td></tr>"
         for v in versions)
-    return ("<h3>Text versions</h3><table class='versions'><tr><th>stage</th><th>version</th><th>backend</th>"
+    return ("<h3>Text versions</h3><table class='versions'><tr><th>stage</th><th>version</th><th>test fold</th><th>backend</th>"
             "<th>prompt</th><th>ok</th><th>failed</th><th>prompt tokens</th><th>completion tokens</th>"
             f"<th>cost USD</th><th>current</th></tr>{rows}</table>")
 

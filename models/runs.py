@@ -62,6 +62,7 @@ class TrainConfig:
     clip_grad: float | None = 1.0          # max gradient norm; None: no clipping
     mixed_precision: Literal["no", "fp16", "bf16"] = "no"
     seed: int = 3407
+    allow_leaky_text: bool = False         # train on texts that carry the test fold's labels (recorded)
     num_workers: int = 2                   # DataLoader workers per process
     shuffle_buffer: int = 256
     eval_every: int = 1                    # epochs between test evaluations (the last epoch always evaluates)
@@ -101,20 +102,51 @@ class Sources:
     stores: dict[str, Store]
     au_names: list[str] = field(default_factory=list)
     facs_ids: dict[str, str] = field(default_factory=dict)   # "expression" / "au" / "prior" -> asset id
+    # A dataset with official folds has texts (and their cached features) per test fold: fold -> role -> store.
+    # `for_fold` puts the run's fold's into `stores`.
+    fold_stores: dict[int, dict[str, Store]] = field(default_factory=dict)
+    # Why the texts of a test fold (None: of the fixed split) may carry that fold's test labels, where they do
+    # (predictions from models that trained on its test samples): the trainer refuses them unless allowed.
+    text_leaks: dict[int | None, str] = field(default_factory=dict)
+    test_fold: int | None = None
+    leak_accepted: str | None = None   # the leak a run was told to accept, recorded in its stores.json
+
+    def for_fold(self, fold: int | None) -> "Sources":
+        """These sources for a run tested on `fold` (None: the fixed split; no per-fold texts then)."""
+        if not self.fold_stores or fold is None:
+            return dataclasses.replace(self, test_fold=fold)
+        if fold not in self.fold_stores:
+            raise ConfigError(f"dataset '{self.dataset}' has no fold {fold}; its folds are {sorted(self.fold_stores)}")
+        return dataclasses.replace(self, stores={**self.stores, **self.fold_stores[fold]}, test_fold=fold)
+
+    def check_texts(self, allow_leak: bool) -> "Sources":
+        """Refuse texts that carry the test labels of this run's fold, unless `allow_leak` (then recorded)."""
+        leak = self.text_leaks.get(self.test_fold)
+        if leak is None:
+            return self
+        if not allow_leak:
+            raise ConfigError(f"the texts of dataset '{self.dataset}' for this run carry test labels: {leak}; "
+                              f"use the default per-fold CATE versions (stages.emotions.protocol = \"per_fold\"), "
+                              f"or --set allow_leaky_text=true to accept it (recorded in the run folder)")
+        return dataclasses.replace(self, leak_accepted=leak)
 
     def to_json(self) -> dict[str, Any]:
         return {"dataset": self.dataset, "label_names": self.label_names, "au_names": self.au_names,
-                "facs_ids": self.facs_ids,
+                "facs_ids": self.facs_ids, "test_fold": self.test_fold, "leak_accepted": self.leak_accepted,
                 "stores": {role: {"cache": str(s.cache), "dataset": s.dataset, "stage": s.stage, "key": s.key}
                            for role, s in self.stores.items()}}
 
     @classmethod
     def from_json(cls, raw: dict[str, Any]) -> "Sources":
         stores = {role: Store(Path(s["cache"]), s["dataset"], s["stage"], s["key"]) for role, s in raw["stores"].items()}
-        return cls(raw["dataset"], raw["label_names"], stores, raw.get("au_names", []), raw.get("facs_ids", {}))
+        return cls(raw["dataset"], raw["label_names"], stores, raw.get("au_names", []), raw.get("facs_ids", {}),
+                   test_fold=raw.get("test_fold"), leak_accepted=raw.get("leak_accepted"))
 
     def store(self, role: str) -> Store:
         if role not in self.stores:
+            if any(role in stores for stores in self.fold_stores.values()):
+                raise ConfigError(f"dataset '{self.dataset}' has official folds, and one text version per test "
+                                  f"fold: train with --fold K (one of {sorted(self.fold_stores)}) or --fold all")
             raise ConfigError(f"this run needs the {role} store of dataset '{self.dataset}', and none was given")
         store = self.stores[role]
         if not store.exists():

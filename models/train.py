@@ -58,7 +58,10 @@ def train(config: TrainConfig, sources: dict[str, Sources], runs_dir: Path = Pat
     `--resume` goes on from there.
     """
     set_seed(config.seed)
+    sources = {task: s.for_fold(config.fold) for task, s in sources.items()}   # the fold's own texts
     model = build_model(config, sources)
+    if model.inputs.text == "caption":   # never texts that carry the test fold's labels, unless told
+        sources = {task: s.check_texts(config.allow_leaky_text) for task, s in sources.items()}
     tasks = [task for task in model.tasks if task in sources]
     unused = [task for task in sources if task not in model.tasks]
     if unused or not tasks:

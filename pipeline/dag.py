@@ -272,7 +272,8 @@ def _segments(plans: list[StagePlan]) -> list[list[StagePlan]]:
         last = segments[-1][-1].stage if segments else None
         stage = plan.stage
         if (last is not None and stage.scope == last.scope == "sample" and stage.batch_size == last.batch_size
-                and stage.media_kinds == last.media_kinds and stage.needs_label == last.needs_label):
+                and stage.media_kinds == last.media_kinds and stage.needs_label == last.needs_label
+                and plan.test_fold == segments[-1][-1].test_fold):
             segments[-1].append(plan)
         else:
             segments.append([plan])
@@ -319,7 +320,7 @@ class _Runner:
     def run_dataset(self, plan: DatasetPlan, limit: int | None) -> list[StageReport]:
         population = plan.population(limit)
         kinds = {plan.samples[sid]["media_kind"] for sid in population}
-        reports = [StageReport(plan.dataset, p.stage.name, p.key, total=len(plan.applicable(p, population)),
+        reports = [StageReport(plan.dataset, p.name, p.key, total=len(plan.applicable(p, population)),
                                done_before=sum(self._done(plan, p, s) for s in plan.applicable(p, population)),
                                stale=len(plan.stale(p, population)), note=p.stage.skip_note(kinds))
                    for p in plan.stages]
@@ -389,8 +390,8 @@ class _Runner:
         for start, ids in sorted(groups.items()):
             for i in range(0, len(ids), batch):
                 queue.append(_Chain(ids[i:i + batch], stages[start:end]))
-        bars = {p.stage.name: tqdm(total=sum(len(c.ids) for c in queue if p in c.plans), desc=f"{plan.dataset}/"
-                f"{p.stage.name}", unit="clip", disable=not self.progress, file=sys.stderr, leave=True)
+        bars = {p.name: tqdm(total=sum(len(c.ids) for c in queue if p in c.plans), desc=f"{plan.dataset}/{p.name}",
+                             unit="clip", disable=not self.progress, file=sys.stderr, leave=True)
                 for p in segment}
         completed = as_completed()
         owner: dict[Any, tuple[_Chain, int]] = {}
@@ -403,7 +404,7 @@ class _Runner:
             produced: dict[str, Any] = {}
             for pos, stage_plan in enumerate(chain.plans):
                 stage = stage_plan.stage
-                inputs = {up: produced[up] if up in produced else store_slice(plan, up, chain.ids)
+                inputs = {up: produced[up] if up in produced else store_slice(plan, stage_plan, up, chain.ids)
                           for up in stage.reads}
                 expected = plan.expected(stage_plan)
                 digests = {sid: expected.get(sid) for sid in chain.ids}
@@ -455,7 +456,7 @@ class _Runner:
                 report.failed += 1
         # Samples of this chain that never reached this stage were blocked by an upstream failure.
         report.blocked += len(ids) - len(rows)
-        bars[stage_plan.stage.name].update(len(ids))
+        bars[stage_plan.name].update(len(ids))
 
     def _recover(self, plan: DatasetPlan, chain: _Chain, pos: int, error: Exception, queue: deque,
                  reports: list[StageReport], bars: dict[str, tqdm]) -> None:
@@ -473,8 +474,8 @@ class _Runner:
         self._record(plan, stage_plan, [row], chain.ids, reports[plan.stages.index(stage_plan)], bars)
 
 
-def store_slice(plan: DatasetPlan, upstream: str, ids: list[str]) -> StoreSlice:
-    store = plan.store_of(upstream)
+def store_slice(plan: DatasetPlan, stage_plan: StagePlan, upstream: str, ids: list[str]) -> StoreSlice:
+    store = plan.input_store(stage_plan, upstream)
     return StoreSlice(store.cache, store.dataset, store.stage, store.key, tuple(plan.columns(upstream)), tuple(ids))
 
 
@@ -488,9 +489,9 @@ def joined_rows(plan: DatasetPlan, stage_plan: StagePlan, ids: list[str],
     upstreams = list(stage.reads)
     lookups = {}
     for upstream in upstreams[1:]:
-        rows = plan.store_of(upstream).read(plan.columns(upstream), ids=ids).to_pylist()
+        rows = plan.input_store(stage_plan, upstream).read(plan.columns(upstream), ids=ids).to_pylist()
         lookups[upstream] = {r["sample_id"]: r for r in rows}
-    streamed = plan.store_of(upstreams[0])
+    streamed = plan.input_store(stage_plan, upstreams[0])
     for table in streamed.iter_tables(["sample_id", *stage.reads[upstreams[0]]], ids=ids, status=S.STATUS_OK):
         for row in table.to_pylist():
             sid = row["sample_id"]

@@ -15,7 +15,7 @@ Identity is split in two:
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from affectprep import schema as S
@@ -37,6 +37,15 @@ class StagePlan:
     key: str
     store: Store
     config: dict[str, Any]      # what is written beside the output: resolved config, identity, input keys
+    # The evaluation fold this store serves, for stages made per test fold (the emotions baseline, and what is
+    # built from its predictions): its predictions never saw that fold's test labels. None: one store for all.
+    test_fold: int | None = None
+    upstream: dict[str, "StagePlan"] = field(default_factory=dict)   # the plan of each store it reads
+
+    @property
+    def name(self) -> str:
+        """The stage, and its test fold where it has one: "cate[fold 2]"."""
+        return self.stage.name + (f"[fold {self.test_fold}]" if self.test_fold is not None else "")
 
 
 def stage_configs(project: ProjectConfig, ds: DatasetConfig | None = None) -> dict[str, Any]:
@@ -77,33 +86,57 @@ def plan_stages(project: ProjectConfig, index: Store, target: str | None, config
     ds = project.datasets.get(index.dataset)
     configs = configs or stage_configs(project, ds)
     root = root or (str(ds.root) if ds is not None else None)
-    keys: dict[str, str] = {}
     meta = index.metadata()
     label_set = meta.get("affectprep.label_set")
     label_names = json.loads(meta.get("affectprep.label_names", "[]"))
+    folds = dataset_folds(index)
     context = {"cache": str(project.cache), "dataset": index.dataset, "root": root, "label_set": label_set,
-               "label_names": label_names}
-    plans = []
+               "label_names": label_names, "folds": folds}
+    plans: list[StagePlan] = []
+    made: dict[str, dict[int | None, StagePlan]] = {}   # stage -> test fold -> plan
     for cls in stages_up_to(target):
         try:
-            stage = cls(configs[cls.name])
-            stage.context = dict(context)
-            if not stage.enabled():
+            probe = cls(configs[cls.name])
+            probe.context = dict(context)
+            if not probe.enabled():
                 if cls.name == target:
-                    raise ConfigError(f"stage '{target}' has nothing to do: {stage.disabled_reason()}")
+                    raise ConfigError(f"stage '{target}' has nothing to do: {probe.disabled_reason()}")
                 continue
-            identity = stage.identity()
         except (ValueError, ImportError, OSError) as e:
             raise ConfigError(f"stages.{cls.name}: {e}") from None
-        config = {"stage": cls.name, "version": cls.version, "config": config_dict(stage.config),
-                  "identity": identity, "inputs": {up: keys[up] for up in cls.reads if up != "index"}}
-        if cls.needs_label:   # the label ints mean what the label set says
-            config["labels"] = {"label_set": label_set, "names": label_names}
-        keys[cls.name] = cache_key(config)
-        store = Store(project.cache, index.dataset, cls.name, keys[cls.name])
-        stage.context["store_path"] = str(store.path)
-        plans.append(StagePlan(stage, keys[cls.name], store, config))
+        # One store per test fold for a stage made per fold, and for every stage that reads one.
+        ups = [up for up in cls.reads if up != "index"]
+        fold_ups = [up for up in ups if set(made[up]) != {None}]
+        variants: list[int | None] = ((list(folds) if probe.per_test_fold and folds else [None]) if not fold_ups
+                                      else sorted(made[fold_ups[0]]))
+        made[cls.name] = {}
+        for fold in variants:
+            stage = probe if fold is None else cls(configs[cls.name])
+            stage.context = {**context, "test_fold": fold}
+            upstream = {up: made[up].get(fold) or made[up][None] for up in ups}
+            try:
+                identity = stage.identity()
+            except (ValueError, ImportError, OSError) as e:
+                raise ConfigError(f"stages.{cls.name}: {e}") from None
+            config = {"stage": cls.name, "version": cls.version, "config": config_dict(stage.config),
+                      "identity": identity, "inputs": {up: plan.key for up, plan in upstream.items()}}
+            if cls.needs_label:   # the label ints mean what the label set says
+                config["labels"] = {"label_set": label_set, "names": label_names}
+            if fold is not None:
+                config["test_fold"] = fold
+            key = cache_key(config)
+            store = Store(project.cache, index.dataset, cls.name, key)
+            stage.context["store_path"] = str(store.path)
+            made[cls.name][fold] = StagePlan(stage, key, store, config, fold, upstream)
+            plans.append(made[cls.name][fold])
     return plans
+
+
+def dataset_folds(index: Store) -> list[int]:
+    """The official folds of a dataset (DFEW's 5, IEMOCAP's sessions, Oulu's subject folds); [] for a fixed
+    split."""
+    table = index.read(["fold"], status=S.STATUS_OK)
+    return sorted({f for f in table.column("fold").to_pylist() if f})
 
 
 def applies_to(stage: Stage, media_kind: str, label: int | None) -> bool:
@@ -125,7 +158,7 @@ class DatasetPlan:
                  configs: dict[str, Any] | None = None):
         self.dataset, self.index = ds.name, index
         self.stages = plan_stages(project, index, target, configs, root=str(ds.root))
-        self.by_name = {p.stage.name: p for p in self.stages}
+        self.by_name = {p.name: p for p in self.stages}
         columns = sorted({c for p in self.stages for c in p.stage.reads.get("index", ())} | set(_INDEX_COLUMNS))
         table = index.read(["sample_id", *columns], status=S.STATUS_OK)
         self.samples: dict[str, dict[str, Any]] = {row["sample_id"]: row for row in table.to_pylist()}
@@ -152,9 +185,9 @@ class DatasetPlan:
     # ---- what is stored, and whether it is current -------------------------------------------------------------
 
     def stored(self, plan: StagePlan) -> dict[str, tuple[str, str | None]]:
-        if plan.stage.name not in self._stored:
-            self._stored[plan.stage.name] = plan.store.completion()
-        return self._stored[plan.stage.name]
+        if plan.name not in self._stored:
+            self._stored[plan.name] = plan.store.completion()
+        return self._stored[plan.name]
 
     def status(self, plan: StagePlan, sid: str) -> str | None:
         """"ok" / "failed" for a current row, None when the sample has no row or only a stale one."""
@@ -196,22 +229,21 @@ class DatasetPlan:
                         and p.stage.reads), None)
         if learner is not None:
             for p in self.stages[learner:]:
-                self._expected.pop(p.stage.name, None)
+                self._expected.pop(p.name, None)
 
     # ---- input digests -----------------------------------------------------------------------------------------
 
     def expected(self, plan: StagePlan) -> dict[str, str | None]:
         """sample -> the input digest its row must carry to be current."""
-        name = plan.stage.name
-        if name not in self._expected:
-            self._expected[name] = self._digests(plan)
-        return self._expected[name]
+        if plan.name not in self._expected:
+            self._expected[plan.name] = self._digests(plan)
+        return self._expected[plan.name]
 
     def _digests(self, plan: StagePlan) -> dict[str, str | None]:
         stage = plan.stage
         if not stage.reads:
             return {}
-        upstream = {up: self.expected(self.by_name[up]) for up in stage.reads if up != "index"}
+        upstream = {up: self.expected(up_plan) for up, up_plan in plan.upstream.items()}
         index_columns = stage.reads.get("index", ())
         base: dict[str, str | None] = {}
         for sid, sample in self.samples.items():
@@ -230,8 +262,9 @@ class DatasetPlan:
 
     # ---- reading inputs ----------------------------------------------------------------------------------------
 
-    def store_of(self, name: str) -> Store:
-        return self.index if name == "index" else self.by_name[name].store
+    def input_store(self, plan: StagePlan, upstream: str) -> Store:
+        """The store a stage reads as `upstream` (for a stage made per test fold: that fold's)."""
+        return self.index if upstream == "index" else plan.upstream[upstream].store
 
     def columns(self, upstream: str) -> list[str]:
         """The columns of an upstream store that any planned stage reads (and the status)."""
@@ -282,7 +315,7 @@ def describe(project: ProjectConfig, datasets: list[str] | None = None) -> list[
             done = sum(status == S.STATUS_OK for status in statuses.values())
             blocked = {s for s in applies if s in upstream_failed and statuses[s] is None}
             entry["stages"].append({
-                "stage": stage.stage.name, "key": stage.key, "backend": stage.config["identity"].get("backend"),
+                "stage": stage.stage.name, "name": stage.name, "test_fold": stage.test_fold, "key": stage.key, "backend": stage.config["identity"].get("backend"),
                 "total": len(applies), "done": done,
                 "failed": len(failed), "blocked": len(blocked), "stale": len(plan.stale(stage, population)),
                 "pending": len(applies) - done - len(failed) - len(blocked),

@@ -36,6 +36,10 @@ class Stage:
     # Whether one set-up instance may serve several threads of a worker at once. Backends rarely are (OpenCV's
     # cascades, dlib, decoders keep state per call), so by default every worker thread sets up its own instance.
     thread_safe: ClassVar[bool] = False
+    # Whether the stage makes one store per test fold of a fold-based dataset (its output for a sample depends on
+    # which samples are the test set: the emotions baseline must not learn fold k's test labels for fold k).
+    # Stages reading such a store get one per fold too. `context["test_fold"]` says which.
+    per_test_fold: bool = False
 
     def __init__(self, config: Any):
         self.config = config

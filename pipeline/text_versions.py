@@ -18,11 +18,12 @@ def text_versions(project: ProjectConfig, datasets: list[str] | None = None) -> 
     out = []
     for name in dataset_names(project, datasets):
         index, _, _ = index_store(project, project.datasets[name])   # read only: a read-only cache lists too
-        current = {p.stage.name: p.key for p in plan_stages(project, index, None)} if index.exists() else {}
+        current = {p.key for p in plan_stages(project, index, None)} if index.exists() else set()
         for stage in TEXT_STAGES:
             for key in list_keys(project.cache, name, stage):
                 store = Store(project.cache, name, stage, key)
-                config = (store.read_config() or {}).get("config", {})
+                written = store.read_config() or {}
+                config = written.get("config", {})
                 table = store.read(["status", "prompt_tokens", "completion_tokens", "cost_usd"])
                 ok = table.filter(pc.equal(table.column("status"), S.STATUS_OK))
                 total = lambda col: pc.sum(ok.column(col)).as_py() or 0  # noqa: E731
@@ -30,5 +31,6 @@ def text_versions(project: ProjectConfig, datasets: list[str] | None = None) -> 
                             "backend": config.get("captioner") or config.get("llm") or "?",
                             "prompt": config.get("prompt"), "ok": ok.num_rows, "failed": table.num_rows - ok.num_rows,
                             "prompt_tokens": total("prompt_tokens"), "completion_tokens": total("completion_tokens"),
-                            "cost_usd": float(total("cost_usd")), "current": current.get(stage) == key})
+                            "cost_usd": float(total("cost_usd")), "current": key in current,
+                            "test_fold": written.get("test_fold")})
     return out

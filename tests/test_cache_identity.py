@@ -21,7 +21,7 @@ VISION = ("frames", "faces", "captions")
 def stores(project):
     ds = project.datasets["demo"]
     plan = DatasetPlan(project, ds, ensure_index(project, ds))
-    return {p.stage.name: p.store for p in plan.stages}
+    return {p.name: p.store for p in plan.stages}
 
 
 def rows_of(store) -> dict[str, dict]:
@@ -70,9 +70,18 @@ def _relabel(root: Path, clip: str) -> None:
 
 
 def test_relabelling_one_row_redoes_no_vision_and_only_what_learnt_from_it(built):
-    before = {name: rows_of(s) for name, s in stores(built).items()}
-    models = json.loads((stores(built)["emotions"].path / "models.json").read_text())
+    """Each test fold has its own emotions store (and CATE texts): in each, exactly the predictions of the models
+    that trained on the relabelled clip are redone, and the clip's own."""
+    before_stores = stores(built)
+    before = {name: rows_of(s) for name, s in before_stores.items()}
     clip = "00003"
+    affected = {}
+    for name, store in before_stores.items():
+        if name.startswith("emotions"):
+            models = json.loads((store.path / "models.json").read_text())
+            trained_on_clip = {m for m, info in models.items() if clip in info["trained_on"]}
+            affected[name] = {sid for sid, row in before[name].items() if row["model_id"] in trained_on_clip} | {clip}
+    assert len(affected) == 5, "one emotions store per test fold of DFEW"
     _relabel(built.datasets["demo"].root, clip)
     report = {s.stage: s for s in run_pipeline(built, scheduler="inline", progress=False).stages}
     for name in VISION:
@@ -80,16 +89,14 @@ def test_relabelling_one_row_redoes_no_vision_and_only_what_learnt_from_it(built
     after = {name: rows_of(s) for name, s in stores(built).items()}
     for name in VISION:
         assert after[name] == before[name]
-    # Predictions redone: those of every model that trained on the clip, and the clip's own.
-    trained_on_clip = {m for m, info in models.items() if clip in info["trained_on"]}
-    affected = {sid for sid, row in before["emotions"].items() if row["model_id"] in trained_on_clip} | {clip}
-    assert 0 < len(affected) < len(before["emotions"])
-    assert report["emotions"].ok + report["emotions"].failed == len(affected)
-    assert report["cate"].ok + report["cate"].failed == len(affected & set(before["cate"]))
-    unaffected = set(before["emotions"]) - affected
-    assert all(after["emotions"][sid] == before["emotions"][sid] for sid in unaffected)
-    info = {s["stage"]: s for s in describe(built)[0]["stages"]}
-    assert info["emotions"]["pending"] == info["emotions"]["stale"] == 0
+    for name, redone in affected.items():
+        cate = name.replace("emotions", "cate")
+        assert 0 < len(redone) < len(before[name])
+        assert report[name].ok + report[name].failed == len(redone), name
+        assert report[cate].ok + report[cate].failed == len(redone & set(before[cate])), cate
+        assert all(after[name][sid] == before[name][sid] for sid in set(before[name]) - redone)
+    info = {s["name"]: s for s in describe(built)[0]["stages"]}
+    assert all(info[name]["pending"] == info[name]["stale"] == 0 for name in affected)
 
 
 def _free_port() -> int:

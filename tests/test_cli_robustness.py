@@ -99,6 +99,8 @@ def test_a_full_disk_is_one_line_and_keeps_what_was_written(project, monkeypatch
             raise OSError(errno.ENOSPC, "No space left on device", str(where))
         return real(table, where, **kwargs)
 
+    for name in ("TRANSFORMERS_VERBOSITY", "HF_HUB_DISABLE_PROGRESS_BARS"):   # --quiet sets them: restored after
+        monkeypatch.setenv(name, os.environ.get(name, ""))
     monkeypatch.setattr("affectprep.store.pq.write_table", full_after_three)
     monkeypatch.setattr(sys, "argv", ["affectprep", "run", "--config", str(fresh.path), "--scheduler", "inline",
                                       "--quiet", "--batch-size", "1"])
@@ -181,5 +183,6 @@ def test_quiet_silences_model_loading_reports(project, tmp_path):
                 "--scheduler", "inline")
     assert quiet.returncode == 3 and "Loading weights" not in quiet.stderr + quiet.stdout, quiet.stderr
     shutil.rmtree(project.cache / "demo" / "features", ignore_errors=True)
-    loud = cli("run", "--config", str(project.path), "--stage", "features", "--set", setting, "--scheduler", "inline")
+    loud = cli("run", "--config", str(project.path), "--stage", "features", "--set", setting, "--scheduler", "inline",
+               env={"HF_HUB_DISABLE_PROGRESS_BARS": "", "TRANSFORMERS_VERBOSITY": "warning"})
     assert "Loading weights" in loud.stderr          # what --quiet took away was there

@@ -40,10 +40,11 @@ def test_report_holds_the_counts_the_gallery_and_the_failures(project, page):
     # Every stage's line, with the counts `status` gives.
     for stage in status["stages"]:
         if stage["total"] == 0:   # audio, for a video dataset: left out of the table
-            assert f"<tr><td>{stage['stage']}</td>" not in text
+            assert f"<tr><td>{stage['name']}</td>" not in text
             continue
-        row = re.search(rf"<tr><td>{stage['stage']}</td><td>(\d+)</td><td>(\d+)</td><td[^>]*>(\d+)</td>", text)
-        assert row, stage["stage"]
+        name = re.escape(stage["name"])   # "cate[fold 2]": one store per test fold
+        row = re.search(rf"<tr><td>{name}</td><td>(\d+)</td><td>(\d+)</td><td[^>]*>(\d+)</td>", text)
+        assert row, stage["name"]
         assert [int(v) for v in row.groups()] == [stage["total"], stage["done"], stage["failed"]]
     assert text.count("class='clip'") == SAMPLES
     # The gallery spreads over the classes: five clips, five different labels.
@@ -60,7 +61,8 @@ def test_report_holds_the_counts_the_gallery_and_the_failures(project, page):
     no_face, corrupt = media["90006"], media["90001"]
     assert no_face.startswith("<img") and "data:image/jpeg;base64," in no_face and not corrupt.startswith("<img")
     # The text versions with their token counts: two cate versions, one captions version.
-    assert text.count("<tr class='current'><td>cate</td>") == 1 and text.count("<tr class=''><td>cate</td>") == 1
+    # one CATE version per test fold of DFEW's five, twice (two top_k settings)
+    assert text.count("<tr class='current'><td>cate</td>") == 5 and text.count("<tr class=''><td>cate</td>") == 5
     assert text.count("<tr class='current'><td>captions</td>") == 1
 
 

@@ -32,7 +32,9 @@ def project(tmp_path_factory, server):
     project = ProjectConfig(tmp / "affectprep.toml", tmp / "cache", {"demo": DatasetConfig("demo", "dfew", root)},
                             {"faces": {"backend": "haar"},
                              "captions": {"captioner": "openai:test-vlm", "base_url": server.base_url},
-                             "cate": {"llm": "openai:gpt-4o-mini", "base_url": server.base_url}})
+                             "cate": {"llm": "openai:gpt-4o-mini", "base_url": server.base_url},
+                             # one CATE version, not one per test fold: these tests are about the LLM round trip
+                             "emotions": {"protocol": "pooled"}})
     write_project(project)
     report = run_pipeline(project, scheduler="inline", progress=False)
     assert report.failed == 0

@@ -1,10 +1,14 @@
 """`emotions`: top-k emotion categories with probabilities per clip, for CATE.
 
-Predictions must be out-of-fold, or the text built from them leaks the label into training. The baseline is
-cross-fitted: samples are split into groups (the dataset's official folds, or hash groups of its train split); each
-group is predicted by a model trained on the other groups, and an official test split by a model trained on the
-train split. Every row names its model, models.json lists the samples each model trained on, and `in_fold` marks a
-prediction from a model that saw the sample's label (only possible with a user checkpoint).
+Predictions must be out-of-fold, or the text built from them leaks the label into training; and the texts a model
+trains on for a test fold must not carry that fold's test labels. The baseline is cross-fitted: samples are split
+into groups; each group is predicted by a model trained on the other groups of the training part, the test part by
+a model trained on the whole training part. For a dataset with official folds, the stage makes one store per test
+fold k (`protocol = "per_fold"`): fold k is the test part, the other folds are the groups, so no prediction in fold
+k's store comes from a model that saw a fold-k test label (GRACE's texts for fold k are built from that store). For a
+fixed split the test split is the test part and hash groups of the train split are the groups. Every row names its
+model, models.json lists the samples each model trained on, and `in_fold` marks a prediction from a model that saw
+the sample's label (only possible with a user checkpoint).
 """
 from __future__ import annotations
 
@@ -12,7 +16,7 @@ import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 
@@ -26,6 +30,11 @@ class EmotionsConfig:
     trained_on: str = "unknown"   # for a checkpoint: unknown | none | folds:1,2,3 | split:train (what it saw)
     top_k: int = 3
     crossfit_groups: int = 5      # datasets without official folds: train split cut into this many groups
+    # per_fold: a dataset with official folds gets one store per test fold k, whose predictions come from models
+    # that never saw fold k's test labels (the texts GRACE trains on for fold k cannot leak them). pooled: one
+    # store cross-fitted over all folds, 1/K of the LLM cost; the training texts of fold k then come from models
+    # that trained on fold k's test clips, and `affectprep train` refuses them unless told otherwise.
+    protocol: Literal["per_fold", "pooled"] = "per_fold"
     epochs: int = 300
     lr: float = 0.05
     weight_decay: float = 1e-3
@@ -46,7 +55,9 @@ class EmotionsStage(Stage):
         super().__init__(config)
         self.kind, self.model = parse_backend(config.model, ("baseline", "hf"), "emotions.model")
         if self.kind == "hf":
-            _trained_on(config.trained_on)  # validate early
+            checkpoint_saw(config.trained_on)  # validate early
+        # A checkpoint is the same model for every fold (what it saw is in models.json, checked by the trainer).
+        self.per_test_fold = self.kind == "baseline" and config.protocol == "per_fold"
 
     def identity(self) -> dict[str, Any]:
         if self.kind == "hf":
@@ -93,7 +104,9 @@ class EmotionsStage(Stage):
             predict = [i for i in np.flatnonzero(groups == group) if samples[i]["pending"]]
             if not predict:
                 continue
-            model_id = f"baseline-without-group-{group}"
+            fold = self.context.get("test_fold")
+            model_id = (f"baseline-fold{fold}-" if fold is not None else "baseline-") + (
+                "test" if group == 0 else f"without-group-{group}")
             if train.sum() == 0 or len(set(y[train])) < 2:
                 out += [failed_row(samples[i]["sample_id"], "not enough labelled samples outside this sample's "
                                    "fold to train an out-of-fold baseline") for i in predict]
@@ -109,12 +122,18 @@ class EmotionsStage(Stage):
         return out
 
     def _group(self, sample: dict) -> int:
-        if sample["fold"]:
-            return int(sample["fold"])
-        if sample["split"] == "test":
+        """The cross-fitting group: each group is predicted by a model trained on every other group except 0.
+        Group 0 is the test part (test fold k for a store made for fold k, else the official test split), predicted
+        by a model trained on the whole training part; the training part's groups are its folds (so for fold k a
+        training clip's model saw neither its own fold nor fold k), else hash groups of the train split."""
+        test_fold = self.context.get("test_fold")
+        fold = int(sample["fold"] or 0)
+        if (test_fold is not None and fold == test_fold) or (not fold and sample["split"] == "test"):
             return 0
+        if fold:
+            return fold
         digest = hashlib.sha256(sample["sample_id"].encode()).digest()
-        return int.from_bytes(digest[:4], "little") % self.config.crossfit_groups + 1
+        return 1000 + int.from_bytes(digest[:4], "little") % self.config.crossfit_groups
 
     # ---- a user's checkpoint -------------------------------------------------------------------------------------
 
@@ -123,7 +142,7 @@ class EmotionsStage(Stage):
 
         classifier = HFVideoClassifier(self.model, device=self.config.device)
         order = _label_order(classifier.labels, names)
-        seen = _trained_on(self.config.trained_on)
+        seen = checkpoint_saw(self.config.trained_on)
         model_id = f"checkpoint:{self.model}"
         out = []
         pending = [s for s in samples if s["pending"]]
@@ -161,7 +180,7 @@ def _label_order(model_labels: list[str], names: list[str]) -> list[int]:
     return [model_labels.index(n) for n in names]
 
 
-def _trained_on(spec: str):
+def checkpoint_saw(spec: str):
     """What a checkpoint saw, as a predicate on index rows: True = the sample's label was in its training data."""
     if spec == "unknown":
         return lambda s: True        # assume the worst: it may have seen everything
