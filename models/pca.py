@@ -411,7 +411,7 @@ def _plot_bank_attention(attention: np.ndarray, sizes: list[list[int]], classes:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    figure = Figure(figsize=(3.5 + 0.9 * len(classes), 3.2))
+    figure = Figure(figsize=(4.5 + 0.9 * len(classes), 3.2), layout="constrained")
     FigureCanvasAgg(figure)
     face, heat = figure.subplots(1, 2, gridspec_kw={"width_ratios": [1.0, max(1.0, 0.45 * len(classes))]})
     mean, std = torch.tensor(inputs.mean)[:, None, None], torch.tensor(inputs.std)[:, None, None]
@@ -424,7 +424,7 @@ def _plot_bank_attention(attention: np.ndarray, sizes: list[list[int]], classes:
             heat.text(c, d, text, ha="center", va="center", fontsize=7,
                       color="black" if attention[d, c] > 0.6 else "white")
     heat.set_xticks(range(len(classes)), classes, rotation=30, ha="right", fontsize=8)
-    heat.set_yticks(range(len(DOMAIN_NAMES)), [f"{d} bank" for d in DOMAIN_NAMES], fontsize=8)
+    heat.set_yticks(range(len(DOMAIN_NAMES)), [f"{d}\nbank" for d in DOMAIN_NAMES], fontsize=8)
     heat.set_title("attention over the class centres (Eq. 10)", fontsize=9)
     figure.colorbar(image, ax=heat)
     figure.suptitle(title, fontsize=9)
