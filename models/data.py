@@ -31,6 +31,7 @@ import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
 from affectprep import schema as S
+from affectprep.speech import MAX_UTTERANCE_SECONDS
 from affectprep.store import Store
 
 from .losses import inverse_sqrt_class_weights as _weights_from_counts
@@ -454,11 +455,13 @@ class StoreFeatures(StoreSamples):
 
 class StoreAudio(StoreSamples):
     """Utterances from an `audio` store (see schema.AUDIO): the 16 kHz waveform as float32 in [-1, 1] and its
-    transcript as the item's text. Training takes a random window of at most `max_seconds`; evaluation the start."""
+    transcript as the item's text. Training takes a random window of at most `max_seconds`; evaluation the start
+    (the audio_features stage cuts there too: affectprep/speech.py)."""
 
     item_columns = ("sample_id", "waveform", "sample_rate", "transcript")
 
-    def __init__(self, audio: Store, samples: list[dict], *, train: bool, max_seconds: float = 15.0, **options):
+    def __init__(self, audio: Store, samples: list[dict], *, train: bool,
+                 max_seconds: float = MAX_UTTERANCE_SECONDS, **options):
         if max_seconds <= 0:
             raise ValueError(f"max_seconds must be positive, got {max_seconds}")
         self.train, self.max_seconds = train, max_seconds

@@ -1,17 +1,24 @@
-"""MGCMA at tiny size: the 2-Wasserstein closed form, the alignment losses and their switches, padding invariance
-(group- and layer-norm Wav2Vec2), loading saved encoders through `from_pretrained`, features mode, freezing, and
-overfitting a fixed batch."""
+"""MGCMA at tiny size: the 2-Wasserstein closed form and W, the utterance Gaussian of its tokens, Eq. 5 and the
+two contrastive losses against plain references, the alignment switches and the stage order (each stage reading
+what the previous left; DAM as a side branch), padding invariance (group- and layer-norm Wav2Vec2), waveform
+normalisation as the checkpoint's feature extractor says, loading saved encoders through `from_pretrained`,
+features mode, freezing, explain, every ablation row, and overfitting a fixed batch."""
 from __future__ import annotations
 
+import json
+
+import cv2
 import numpy as np
 import pytest
 import torch
 from scipy.linalg import sqrtm
-from transformers import BertConfig, BertModel, Wav2Vec2Config, Wav2Vec2Model
+from transformers import BertConfig, BertModel, Wav2Vec2Config, Wav2Vec2FeatureExtractor, Wav2Vec2Model
+
+from affectprep.models.grace import masked_mean
 
 from affectprep.models.mgcma import (TINY_SPEECH, TINY_TEXT, Mgcma, distribution_contrastive_loss,
-                                     instance_contrastive_loss, wasserstein2_squared)
-from affectprep.models.registry import create_model, list_models
+                                     instance_contrastive_loss, mixture_gaussian, wasserstein2, wasserstein2_squared)
+from affectprep.models.registry import create_model, list_models, model_ablations
 from affectprep.models.text import tiny_tokenizer
 
 TRANSCRIPTS = ["I can't believe you did that!", "Okay.", "That's wonderful news, really.", "Leave me alone"]
@@ -76,28 +83,83 @@ def test_wasserstein_is_zero_for_identical_distributions_and_symmetric():
         wasserstein2_squared(mean, variance[:, :4], mean, variance)
 
 
-def test_distribution_loss_is_the_pairwise_sigmoid_loss_and_trains_its_bias():
-    distance = torch.tensor([[0.1, 2.0, 3.0], [1.5, 0.2, 2.5], [2.2, 1.8, 0.3]])
-    scale, bias = torch.tensor(4.0, requires_grad=True), torch.tensor(1.0, requires_grad=True)
-    loss = distribution_contrastive_loss(distance, scale, bias)
-    similarity = -4.0 * distance.numpy().astype(np.float64) + 1.0
-    positives = -np.log1p(np.exp(-np.diag(similarity))).sum()
-    negatives = -np.log1p(np.exp(similarity))[~np.eye(3, dtype=bool)].sum()
+def test_w_is_the_square_root_of_the_closed_form():
+    rng = np.random.default_rng(3)
+    mean_a, mean_b = rng.normal(size=(2, 4)), rng.normal(size=(3, 4))
+    variance_a, variance_b = rng.uniform(0.1, 2, size=(2, 4)), rng.uniform(0.1, 2, size=(3, 4))
+    expected = np.array([[np.sqrt(np.sum((mean_a[i] - mean_b[j]) ** 2)
+                                  + np.sum((np.sqrt(variance_a[i]) - np.sqrt(variance_b[j])) ** 2))
+                          for j in range(3)] for i in range(2)])
+    distance = wasserstein2(*(torch.from_numpy(x) for x in (mean_a, variance_a, mean_b, variance_b)))
+    np.testing.assert_allclose(distance.numpy(), expected, rtol=1e-7)
+    # Where two distributions coincide the gradient stays finite.
+    mean = torch.zeros(1, 4, requires_grad=True)
+    wasserstein2(mean, torch.ones(1, 4), torch.zeros(1, 4), torch.ones(1, 4)).sum().backward()
+    assert torch.isfinite(mean.grad).all()
+
+
+def test_utterance_gaussian_has_the_moments_of_its_tokens_mixture():
+    generator = torch.Generator().manual_seed(4)
+    means, variances = torch.randn(2, 5, 3, generator=generator), torch.rand(2, 5, 3, generator=generator) + 0.1
+    mask = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 0, 0, 0]], dtype=torch.bool)
+    mean, variance = mixture_gaussian(means, variances, mask)
+    for b, n in enumerate((5, 2)):
+        # Moments of the mixture (1/n) sum_i N(mu_i, sigma_i): E[x] and E[x^2] - E[x]^2, per dimension.
+        m = means[b, :n].numpy().astype(np.float64)
+        v = variances[b, :n].numpy().astype(np.float64)
+        expected_mean = m.mean(0)
+        expected_variance = (v + m ** 2).mean(0) - expected_mean ** 2
+        np.testing.assert_allclose(mean[b].numpy(), expected_mean, rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(variance[b].numpy(), expected_variance, rtol=1e-4, atol=1e-6)
+
+
+def test_eq_5_similarity_uses_w_and_is_the_logit_of_the_pairwise_sigmoid_loss():
+    model = tiny_mgcma(features=True, audio_dim=8, text_dim=8).eval()
+    generator = torch.Generator().manual_seed(5)
+    output = {name: torch.rand(3, 32, generator=generator) + (0.1 if "variance" in name else 0)
+              for name in ("speech_mean", "speech_variance", "text_mean", "text_variance")}
+    p, q = model.log_distribution_scale.exp().item(), model.distribution_bias.item()
+    assert p > 0
+    similarity = model.distribution_similarity(output)
+    for i in range(3):
+        for j in range(3):
+            w = np.sqrt(np.sum((output["speech_mean"][i] - output["text_mean"][j]).numpy() ** 2)
+                        + np.sum((output["speech_variance"][i].sqrt() - output["text_variance"][j].sqrt()).numpy()
+                                 ** 2))
+            assert similarity[i, j].item() == pytest.approx(-p * w + q, rel=1e-5, abs=1e-6)
+    squared = tiny_mgcma(features=True, audio_dim=8, text_dim=8, squared_distance=True)
+    w2 = wasserstein2_squared(*(output[n] for n in ("speech_mean", "speech_variance", "text_mean", "text_variance")))
+    torch.testing.assert_close(squared.distribution_similarity(output),
+                               -squared.log_distribution_scale.exp() * w2 + squared.distribution_bias)
+
+    logits = torch.tensor([[2.0, -1.0, 0.5], [0.3, 1.5, -2.0], [-0.7, 0.2, 3.0]], requires_grad=True)
+    loss = distribution_contrastive_loss(logits)
+    values = logits.detach().numpy().astype(np.float64)
+    positives = -np.log1p(np.exp(-np.diag(values))).sum()
+    negatives = -np.log1p(np.exp(values))[~np.eye(3, dtype=bool)].sum()
     assert loss.item() == pytest.approx(-(positives + negatives) / 3, rel=1e-6)
-    loss.backward()
-    assert bias.grad.abs() > 1e-3 and scale.grad.abs() > 1e-3
-    # Matched pairs close and the rest far apart: a better alignment has a lower loss.
-    assert distribution_contrastive_loss(distance.T.flip(0), scale, bias) > loss
+    # The bias moves the loss (a softmax over the batch would cancel it), and matched pairs lower it.
+    assert distribution_contrastive_loss(logits.detach() + 1).item() != pytest.approx(loss.item())
+    assert distribution_contrastive_loss(logits.detach().flip(0)) > loss
 
 
-def test_instance_loss_is_low_for_matched_pairs_and_symmetric():
+@pytest.mark.parametrize("similarity", ["dot", "cosine"])
+def test_instance_loss_is_the_symmetric_infonce_of_its_similarity(similarity):
     generator = torch.Generator().manual_seed(2)
-    speech = torch.randn(6, 16, generator=generator)
-    text = speech + 0.05 * torch.randn(6, 16, generator=generator)
-    matched = instance_contrastive_loss(speech, text, 0.07)
-    shuffled = instance_contrastive_loss(speech, text.roll(1, dims=0), 0.07)
-    assert matched < 0.05 < 3.0 < shuffled
-    assert instance_contrastive_loss(text, speech, 0.07).item() == pytest.approx(matched.item(), rel=1e-5)
+    speech, text = torch.randn(4, 6, generator=generator), torch.randn(4, 6, generator=generator)
+    a, b = speech.numpy().astype(np.float64), text.numpy().astype(np.float64)
+    if similarity == "cosine":
+        a, b = a / np.linalg.norm(a, axis=1, keepdims=True), b / np.linalg.norm(b, axis=1, keepdims=True)
+    logits = a @ b.T / (0.07 if similarity == "cosine" else 1.0)
+
+    def cross_entropy(rows):
+        return np.mean([np.log(np.exp(r).sum()) - r[i] for i, r in enumerate(rows)])
+    expected = (cross_entropy(logits) + cross_entropy(logits.T)) / 2
+    assert instance_contrastive_loss(speech, text, similarity, 0.07).item() == pytest.approx(expected, rel=1e-5)
+    matched = instance_contrastive_loss(speech, speech + 0.05 * text, similarity, 0.07)
+    assert matched < instance_contrastive_loss(speech, speech.roll(1, dims=0), similarity, 0.07)
+    with pytest.raises(ValueError, match="dot' or 'cosine"):
+        instance_contrastive_loss(speech, text, "l2")
 
 
 # ----- the model --------------------------------------------------------------------------------------------------
@@ -118,10 +180,10 @@ def test_forward_and_backward_on_padded_batches_are_finite():
     outputs = model(**inputs)
     assert outputs["logits"].shape == (3, 4)
     for name in ("speech_mean", "speech_variance", "text_mean", "text_variance", "speech_embedding",
-                 "text_embedding"):
+                 "text_embedding", "speech_instance", "text_instance"):
         assert outputs[name].shape == (3, 32), name
-    assert torch.allclose(outputs["speech_mean"].norm(dim=-1), torch.ones(3), atol=1e-5)
     assert (outputs["speech_variance"] > 0).all()
+    assert "text_to_speech_attention" not in outputs   # drawn in evaluation only
     parts = model.loss({"expression": outputs}, {"expression": batch})
     assert set(parts) == {"loss", "ce", "distribution", "instance"}
     assert all(torch.isfinite(value) for value in parts.values())
@@ -287,8 +349,111 @@ def test_a_tiny_model_overfits_a_fixed_batch():
         parts["loss"].backward()
         optimiser.step()
         history.append({name: value.item() for name, value in parts.items()})
-    assert history[-1]["loss"] < 0.3 * history[0]["loss"]
-    assert history[-1]["ce"] < 0.2
+    assert history[-1]["loss"] < 0.5 * history[0]["loss"]
+    assert history[-1]["ce"] < 0.2 and history[-1]["instance"] < 0.1
+    # The distribution loss falls more slowly (the Gaussians of random tiny encoders start alike): 3.3 -> 1.9 here.
+    assert history[-1]["distribution"] < 0.8 * history[0]["distribution"]
     model.eval()
     with torch.no_grad():
         assert model(**inputs)["logits"].argmax(-1).tolist() == [0, 1, 2, 3]
+
+
+# ----- module order, waveform normalisation, explain, ablation rows -----------------------------------------------
+
+def record_input(module: torch.nn.Module) -> dict:
+    """The first positional argument of every call of `module`, in call order."""
+    seen = []
+    module.register_forward_pre_hook(lambda m, args: seen.append(args[0].detach().clone()))
+    return seen
+
+
+def test_stages_run_in_order_each_reading_what_the_previous_left():
+    batch = collated([1200, 900], TRANSCRIPTS[:2], [0, 1])
+    # The paper's order: TAM reads DAM's token means, IAM contrasts the pooled TAM output.
+    model = tiny_mgcma(dropout=0.0).eval()
+    tam_input = record_input(model.blocks[0].self_attention[0])
+    means = []
+    model.speech_distribution.mean.register_forward_hook(lambda m, args, out: means.append(out.detach()))
+    with torch.no_grad():
+        outputs = model(**model.batch_inputs(batch))
+    torch.testing.assert_close(tam_input[0], means[0])
+    torch.testing.assert_close(outputs["speech_instance"], outputs["speech_embedding"])
+
+    # The side branch: TAM reads the projected tokens DAM read, the Gaussians feed only the loss.
+    side = tiny_mgcma(dropout=0.0, distribution_mode="side").eval()
+    tam_input, dam_input = (record_input(side.blocks[0].self_attention[0]),
+                            record_input(side.speech_distribution.attention))
+    with torch.no_grad():
+        side(**side.batch_inputs(batch))
+    torch.testing.assert_close(tam_input[0], dam_input[0])
+
+    # Another order: IAM first (the pooled projections), then TAM, then DAM on TAM's output.
+    swapped = tiny_mgcma(dropout=0.0, module_order="instance,token,distribution").eval()
+    projected, dam_input = record_input(swapped.blocks[0].self_attention[0]), \
+        record_input(swapped.speech_distribution.attention)
+    normed = []
+    swapped.speech_norm.register_forward_hook(lambda m, args, out: normed.append(out.detach()))
+    with torch.no_grad():
+        outputs = swapped(**swapped.batch_inputs(batch))
+        mask = outputs["speech_mask"]
+    torch.testing.assert_close(outputs["speech_instance"], masked_mean(projected[0], mask))
+    torch.testing.assert_close(dam_input[0], normed[0])
+    with pytest.raises(ValueError, match="module_order"):
+        tiny_mgcma(module_order="token,instance")
+    with pytest.raises(ValueError, match="distribution_mode"):
+        tiny_mgcma(distribution_mode="branch")
+
+
+@pytest.mark.parametrize("do_normalize", [True, False])
+def test_the_encoder_input_is_normalised_as_the_checkpoints_feature_extractor_says(tmp_path, do_normalize):
+    torch.manual_seed(0)
+    Wav2Vec2Model(Wav2Vec2Config(**TINY_SPEECH)).save_pretrained(tmp_path)
+    Wav2Vec2FeatureExtractor(do_normalize=do_normalize).save_pretrained(tmp_path)
+    model = create_model("mgcma", tiny=True, speech_encoder=str(tmp_path)).eval()
+    assert model.normalize_waveform is do_normalize
+    seen = record_input(model.speech_encoder)
+    waveform, mask = tones([1200, 700])
+    with torch.no_grad():
+        model.encode_speech(waveform, mask)
+    extractor = Wav2Vec2FeatureExtractor(do_normalize=do_normalize)
+    for row, length in enumerate((1200, 700)):   # group-norm Wav2Vec2: each utterance alone, unpadded
+        expected = extractor(waveform[row, :length].numpy(), sampling_rate=16000, return_tensors="pt").input_values
+        torch.testing.assert_close(seen[row], expected, rtol=1e-5, atol=1e-5)
+
+
+def test_explain_draws_words_against_speech_frames(tmp_path):
+    model = tiny_mgcma().eval()
+    batch = collated([1600, 900], TRANSCRIPTS[2:4], [1, 2])
+    batch["sample_ids"] = ["Ses01F_impro01_F000", "Ses01F_impro01_M001"]
+    with torch.no_grad():
+        outputs = model(**model.batch_inputs(batch))
+    png, record = model.explain(batch, outputs, tmp_path, ["neutral", "happy", "angry", "sad"])
+    assert png.name == "Ses01F_impro01_F000-token-attention.png" and record.suffix == ".json"
+    image = cv2.imread(str(png))
+    assert image is not None and min(image.shape[:2]) > 150
+    data = json.loads(record.read_text())
+    assert data["words"] == ["That", "'", "s", "wonderful", "news", ",", "really", "."]
+    frames = int(outputs["speech_mask"][0].sum())
+    matrix = np.array(data["text_to_speech"])
+    assert matrix.shape == (len(data["words"]), frames)
+    np.testing.assert_allclose(matrix.sum(1), 1.0, rtol=1e-5)        # each word's attention over the frames
+    shares = np.array(data["speech_to_text"]).sum(1)   # each frame over the words; the rest on [CLS] / [SEP]
+    assert ((shares > 0) & (shares <= 1 + 1e-6)).all()
+    assert data["seconds_per_frame"] == pytest.approx(1600 / 16000 / frames)
+    with pytest.raises(ValueError, match="no token alignment"):
+        ablated = tiny_mgcma(token_alignment=False).eval()
+        with torch.no_grad():
+            ablated.explain(batch, ablated(**ablated.batch_inputs(batch)), tmp_path, ["a", "b", "c", "d"])
+
+
+def test_every_registered_ablation_row_builds_and_trains_a_step():
+    rows = model_ablations("mgcma")
+    assert {a.table for a in rows} == {"Ablation: alignment modules", "Ablation: module order"}
+    assert len([a for a in rows if a.table == "Ablation: module order"]) == 7
+    batch = collated([1000, 1200, 900], TRANSCRIPTS[:3], [0, 1, 2])
+    for ablation in rows:
+        assert all(key.startswith("model.") for key in ablation.set), ablation.row
+        model = tiny_mgcma(**{key.removeprefix("model."): value for key, value in ablation.set.items()}).train()
+        parts = losses(model, batch)
+        parts["loss"].backward()
+        assert torch.isfinite(parts["loss"]), ablation.row

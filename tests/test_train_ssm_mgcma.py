@@ -3,7 +3,8 @@
 SSM learns expressions from the demo (DFEW layout) and AUs from a small BP4D tree whose frames are the demo's face
 rendered with each expression's action units, labelled with exactly those AUs: both tasks of one run, scored per
 task, and the run's DPM maps drawn by `explain`. MGCMA learns from the committed IEMOCAP fixture (espeak-ng speech
-with transcripts) through the audio stage, leaving one session out.
+with transcripts) through the audio stage, leaving one session out, and `explain` draws its words x frames
+cross-attention.
 """
 from __future__ import annotations
 
@@ -232,3 +233,13 @@ def test_mgcma_checkpoint_loads_back_and_scores_like_the_last_epoch(mgcma_run):
     before = pq.read_table(mgcma_run / "results-predictions.parquet").sort_by("sample_id").column("probabilities")
     after = pq.read_table(mgcma_run / "eval-viewsall-predictions.parquet").sort_by("sample_id").column("probabilities")
     assert all(a == pytest.approx(b, abs=1e-5) for a, b in zip(after.to_pylist(), before.to_pylist()))
+
+
+def test_explain_draws_mgcma_token_attention_between_words_and_speech(mgcma_run, tmp_path):
+    (png, record) = explain_sample(mgcma_run, "Ses01F_impro01_F000", tmp_path)
+    assert png.name == "Ses01F_impro01_F000-token-attention.png" and png.read_bytes()[:4] == b"\x89PNG"
+    data = json.loads(record.read_text())
+    transcript = data["transcript"]
+    assert data["words"] and all(word in transcript for word in data["words"])
+    assert len(data["text_to_speech"]) == len(data["words"])
+    assert all(abs(sum(row) - 1) < 1e-4 for row in data["text_to_speech"])

@@ -13,6 +13,8 @@ from typing import Any
 import cv2
 import numpy as np
 
+from affectprep.speech import MAX_UTTERANCE_SECONDS, SAMPLE_RATE, normalize_waveform, normalizes_waveform
+
 # The statistics each backbone was pre-trained with (VideoMAE: ImageNet; CLIP: its own).
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 CLIP_MEAN, CLIP_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
@@ -101,27 +103,25 @@ class SpeechTokens(_Encoder):
     """Wav2Vec2-style speech encoder -> last hidden state (frames, D) of each 16 kHz utterance.
 
     Utterances are encoded one at a time: Wav2Vec2-base normalises its first convolution over the whole time axis,
-    so padding would change a shorter utterance's frames. The waveform is normalised to zero mean and unit variance
-    when the checkpoint's feature extractor says so (do_normalize), as the extractor itself would."""
+    so padding would change a shorter utterance's frames. Each is cut at MAX_UTTERANCE_SECONDS and normalised as
+    the checkpoint's feature extractor says (do_normalize), with the functions the fine-tuning path uses
+    (affectprep/speech.py), so both feed the encoder the same input."""
 
-    def __init__(self, name: str, device: str = "cpu", max_seconds: float = 30.0):
+    def __init__(self, name: str, device: str = "cpu"):
         super().__init__(name, device)
-        from transformers import AutoFeatureExtractor, AutoModel
+        from transformers import AutoModel
 
         self.model = AutoModel.from_pretrained(name).to(device).eval()
-        try:
-            self.normalize = bool(getattr(AutoFeatureExtractor.from_pretrained(name), "do_normalize", True))
-        except OSError:   # a checkpoint saved without its feature extractor: Wav2Vec2's default
-            self.normalize = True
-        self.max_samples = int(max_seconds * 16000)
+        self.normalize = normalizes_waveform(name)
+        self.max_samples = int(MAX_UTTERANCE_SECONDS * SAMPLE_RATE)
 
     def encode(self, waveforms: list[np.ndarray]) -> list[np.ndarray]:
         out = []
         for waveform in waveforms:
-            x = waveform[: self.max_samples].astype(np.float32)
+            x = self.torch.from_numpy(np.ascontiguousarray(waveform[: self.max_samples], dtype=np.float32))[None]
             if self.normalize:
-                x = (x - x.mean()) / np.sqrt(x.var() + 1e-7)
-            hidden = self._run(self.model, input_values=self.torch.from_numpy(x)[None]).last_hidden_state
+                x = normalize_waveform(x)
+            hidden = self._run(self.model, input_values=x).last_hidden_state
             out.append(hidden[0].float().cpu().numpy().astype(np.float16))
         return out
 

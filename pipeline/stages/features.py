@@ -15,6 +15,8 @@ from typing import Any
 
 import numpy as np
 
+from affectprep.speech import MAX_TRANSCRIPT_TOKENS, MAX_UTTERANCE_SECONDS, normalizes_waveform
+
 from ..backends.checkpoints import checkpoint_identity
 from ..stage import SampleError, Stage, failed_row
 from .text_backends import decode_crops
@@ -30,10 +32,11 @@ class FeaturesConfig:
 
 @dataclass(frozen=True)
 class AudioFeaturesConfig:
+    """Utterances are cut at affectprep.speech.MAX_UTTERANCE_SECONDS, as the fine-tuning path cuts them (not an
+    option: the two paths must agree)."""
     speech_encoder: str | None = None  # e.g. facebook/wav2vec2-base
     text_encoder: str | None = None    # e.g. bert-base-uncased, for the transcripts
-    max_seconds: float = 30.0          # longer utterances are cut (IEMOCAP's longest is ~35 s)
-    max_length: int = 256
+    max_length: int = MAX_TRANSCRIPT_TOKENS
     device: str = "cpu"
 
 
@@ -174,12 +177,14 @@ class AudioFeaturesStage(Stage):
 
     def identity(self) -> dict[str, Any]:
         return {"speech_encoder": checkpoint_identity(self.config.speech_encoder),
-                "text_encoder": checkpoint_identity(self.config.text_encoder)}
+                "text_encoder": checkpoint_identity(self.config.text_encoder),
+                # What the encoder is fed: both change every cached frame.
+                "normalize": normalizes_waveform(self.config.speech_encoder), "max_seconds": MAX_UTTERANCE_SECONDS}
 
     def setup(self) -> None:
         from ..backends.feature_encoders import SpeechTokens, TextTokens
         c = self.config
-        self.speech = SpeechTokens(c.speech_encoder, c.device, c.max_seconds)
+        self.speech = SpeechTokens(c.speech_encoder, c.device)
         self.text = TextTokens(c.text_encoder, c.device, c.max_length)
         self.encoders = json.dumps({"speech_encoder": c.speech_encoder, "text_encoder": c.text_encoder})
 
