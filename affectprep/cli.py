@@ -310,10 +310,15 @@ def train(model: Annotated[Optional[str], typer.Argument(help="A registered mode
         raw["tiny"] = tiny or raw.get("tiny", False)
         train_config = TrainConfig.from_dict(raw)
         sources = _training_sources(project, train_config, dataset, au_dataset, target_dataset, text_version)
+        main_source = next(iter(sources.values()))
+        _require_model(model)
+        if train_config.fold is None and not every_fold and folds_of(main_source):
+            raise ConfigError(f"dataset '{main_source.dataset}' is evaluated on its official folds "
+                              f"{folds_of(main_source)}: pass --fold K, or --fold all for the whole protocol")
         if every_fold:
             if stop_after_epoch is not None:
                 raise ConfigError("--stop-after-epoch stops one run; with --fold all, stop and resume each fold's run")
-            folds = folds_of(next(iter(sources.values())))
+            folds = folds_of(main_source)
             if not folds:
                 raise ConfigError("--fold all: this dataset has no official folds (it has a fixed split)")
             summary = train_folds(train_config, sources, folds, runs, echo=typer.echo)
@@ -323,6 +328,15 @@ def train(model: Annotated[Optional[str], typer.Argument(help="A registered mode
     path = train_run(train_config, sources, runs, resume=resume, stop_after_epoch=stop_after_epoch, echo=typer.echo)
     if PartialState().is_main_process:
         typer.echo(f"run folder: {path}")
+
+
+def _require_model(name: str) -> None:
+    from affectprep.models.registry import model_builder
+
+    try:
+        model_builder(name)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
 
 
 def _fold_number(text: str) -> int:
@@ -391,10 +405,14 @@ def eval_(run_dir: RunArg,
 
 
 @app.command()
-def explain(run_dir: RunArg, sample: Annotated[str, typer.Argument(help="A sample id of the run's dataset.")],
+def explain(run_dir: RunArg,
+            sample: Annotated[Optional[str], typer.Argument(
+                help="A sample id of the run's dataset (not needed for SSM, whose matrices do not depend on one)."
+            )] = None,
             out: Annotated[Optional[Path], typer.Option(help="Folder for the figures (default: RUN/explain).")] = None
             ) -> None:
-    """Draw what the model matched for one sample (GRACE: the transport plan between caption phrases and frames)."""
+    """Draw what the model matched for one sample (GRACE: the transport plan between caption phrases and frames),
+    as PNG + JSON pairs named <sample>-<what>."""
     from affectprep.models.explain import explain_sample
 
     for path in explain_sample(run_dir, sample, out or run_dir / "explain"):

@@ -50,11 +50,11 @@ which keeps a real transport problem between sentences and visual tokens.
 """
 from __future__ import annotations
 
-import json
 import math
 import re
 import textwrap
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -63,6 +63,7 @@ from transformers import AutoModel, BertConfig, BertModel, VideoMAEConfig, Video
 
 from affectprep.config import ConfigError
 
+from .figures import displayable, new_figure, prediction_title, write_explanation
 from .layers import cosine_cost, sinkhorn
 from .layers.lgi_former import MAE_DFER_BASE, LGIFormer, LGIFormerConfig, load_mae_dfer, mae_dfer_config
 from .layers.optim import parameter_groups
@@ -70,6 +71,9 @@ from .layers.videoclip_text import load_videoclip_text
 from .losses import grace_loss
 from .registry import Ablation, ModelInputs, register_model
 from .text import TINY_VOCAB_SIZE, load_tokenizer, tiny_tokenizer
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 MATCHINGS = ("ot", "cosine", "cross_attention")
 TEXT_LEVELS = ("token", "sentence")
@@ -505,20 +509,16 @@ class Grace(nn.Module):
         scores = outputs["segment_scores"][0].float().cpu().repeat_interleave(tubelet) / tubelet
         key = outputs["key_segments"][0].cpu().repeat_interleave(tubelet).tolist()
         best = matrix.argmax(dim=1).tolist()
-        probabilities = outputs["logits"][0].float().softmax(-1)
-        predicted = label_names[int(probabilities.argmax())]
-        label = int(batch["labels"][0])
-        title = (f"{sample}: predicted {predicted} ({float(probabilities.max()):.2f})"
-                 + (f", true {label_names[label]}" if label >= 0 else ""))
-        stem = out_dir / f"{sample.replace('/', '_')}-transport"
+        probabilities = outputs["logits"][0].float().softmax(-1).cpu()
+        title = prediction_title(sample, probabilities, label_names, int(batch["labels"][0]))
         clip = batch["frames"][0] if "frames" in batch else None
-        _plot_transport(matrix.numpy(), names, best, key, numbers, title, clip, self.inputs, stem.with_suffix(".png"))
-        stem.with_suffix(".json").write_text(json.dumps(
-            {"sample_id": sample, "text": text, "phrases": names, "colors": _colours(len(names)),
-             "frame_indices": numbers, "mass": matrix.tolist(), "frame_mass": matrix.sum(0).tolist(),
-             "frame_scores": scores.tolist(), "key_frames": [n for n, k in zip(numbers, key) if k],
-             "best_frame": {name: numbers[b] for name, b in zip(names, best)}, "predicted": predicted}, indent=2))
-        return [stem.with_suffix(".png"), stem.with_suffix(".json")]
+        figure = _plot_transport(matrix.numpy(), names, best, key, numbers, title, clip, self.inputs)
+        return write_explanation(figure, {
+            "text": text, "phrases": names, "colors": _colours(len(names)),
+            "frame_indices": numbers, "mass": matrix.tolist(), "frame_mass": matrix.sum(0).tolist(),
+            "frame_scores": scores.tolist(), "key_frames": [n for n, k in zip(numbers, key) if k],
+            "best_frame": {name: numbers[b] for name, b in zip(names, best)},
+            "predicted": label_names[int(probabilities.argmax())]}, out_dir, "transport", sample)
 
     # ----- optimisation ---------------------------------------------------------------------------------------
 
@@ -605,23 +605,19 @@ def _colours(count: int) -> list[str]:
 
 
 def _plot_transport(matrix: np.ndarray, phrases: list[str], best: list[int], key: list[bool], numbers: list[int],
-                    title: str, frames: Tensor | None, inputs: ModelInputs, path: Path) -> None:
+                    title: str, frames: Tensor | None, inputs: ModelInputs) -> "Figure":
     """Fig. 6: the clip's frames (a box in each phrase's colour on its best frame, a diamond on the key frames)
     above the stacked bars of each frame's transport mass, one colour per phrase."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
     from matplotlib.patches import Rectangle
 
     rows, columns = matrix.shape
     colours = _colours(rows)
-    figure = Figure(figsize=(2.5 + 0.7 * columns, 4.0 + 0.22 * rows))
-    FigureCanvasAgg(figure)
+    figure = new_figure(2.5 + 0.7 * columns, 4.0 + 0.22 * rows)
     grid = figure.add_gridspec(2, 1, height_ratios=[1.0, 2.2], hspace=0.25)
     labels = [f"{n}\u25c6" if k else str(n) for n, k in zip(numbers, key)]
     if frames is not None:
         strip = figure.add_subplot(grid[0])
-        mean, std = torch.tensor(inputs.mean)[:, None, None], torch.tensor(inputs.std)[:, None, None]
-        images = (frames.cpu().float() * std + mean).clamp(0, 1).permute(0, 2, 3, 1).numpy()
+        images = displayable(frames, inputs.mean, inputs.std)
         strip.imshow(np.concatenate(list(images), axis=1), aspect="auto")
         width, height = images.shape[2], images.shape[1]
         for row, frame in enumerate(best):
@@ -641,7 +637,7 @@ def _plot_transport(matrix: np.ndarray, phrases: list[str], best: list[int], key
     bars.set_xlabel("source frame (\u25c6 = key frame used for classification)")
     bars.set_ylabel("transport mass")
     bars.legend(fontsize=6, loc="upper left", bbox_to_anchor=(1.0, 1.0))
-    figure.savefig(path, dpi=110, bbox_inches="tight")
+    return figure
 
 
 # ---- building -----------------------------------------------------------------------------------------------------

@@ -70,10 +70,10 @@ reliability correction (primary against corrected distribution).
 """
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -84,6 +84,10 @@ from .layers.batchnorm import BatchNorm1d
 from .layers.ir50 import IRBackbone, load_ir50_checkpoint
 from .layers.mobilefacenet import MobileFaceNet, load_mobilefacenet_checkpoint
 from .registry import Ablation, ModelInputs, register_model
+from .figures import displayable, new_figure, prediction_title, write_explanation
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 BALANCINGS = ("both", "anchors", "attention", "none")
 LOSSES = ("cls", "anchor", "center")
@@ -452,42 +456,33 @@ class GReFEL(nn.Module):
         reliability correction (primary l, the corrections, the final L_final with their confidences); each a PNG
         and a JSON named <sample_id>-landmark-attention / <sample_id>-reliability."""
         sample_id = batch["sample_ids"][0]
-        stem = out_dir / sample_id.replace("/", "_")
         with torch.no_grad():
             attentions = self.extract(batch["frames"][:1], keep_attention=True)["attention"]
         maps = [attention_received(a, w, size, size)[0].float().cpu().numpy()
                 for a, w, size in zip(attentions, self.windows, self.sizes)]
-        mean, std = torch.tensor(self.inputs.mean)[:, None, None], torch.tensor(self.inputs.std)[:, None, None]
-        face = (batch["frames"][0, 0].float().cpu() * std + mean).clamp(0, 1).permute(1, 2, 0).numpy()
+        face = displayable(batch["frames"][0, 0], self.inputs.mean, self.inputs.std)
         detected = outputs["landmarks"][0].float().cpu().numpy()
         given = batch["landmarks"][0, 0].float().cpu().numpy() if "landmarks" in batch else None
         distributions = {name: outputs[name][0].float().cpu().numpy()
                          for name in ("primary", "geometric", "attentive", "correction", "probabilities")
                          if name in outputs}
-        predicted = label_names[int(distributions["probabilities"].argmax())]
+        final = torch.from_numpy(distributions["probabilities"])
+        predicted = label_names[int(final.argmax())]
         label = int(batch["labels"][0])
-        title = f"{sample_id}: predicted {predicted}" + (f", true {label_names[label]}" if label >= 0 else "")
-
-        attention_png, attention_json = stem.with_name(stem.name + "-landmark-attention.png"), \
-            stem.with_name(stem.name + "-landmark-attention.json")
-        _plot_attention(face, maps, self.windows, detected, given, title, attention_png)
-        attention_json.write_text(json.dumps({
-            "sample_id": sample_id, "predicted": predicted,
+        title = prediction_title(sample_id, final, label_names, label)
+        attention = write_explanation(_plot_attention(face, maps, self.windows, detected, given, title), {
+            "predicted": predicted,
             "scales": [{"size": size, "window": w, "attention_received": m.tolist()}
                        for size, w, m in zip(self.sizes, self.windows, maps)],
             "detected_landmarks": detected.tolist(), "faces_stage_landmarks": None if given is None else given.tolist(),
-        }, indent=1))
-
-        reliability_png = stem.with_name(stem.name + "-reliability.png")
-        reliability_json = stem.with_name(stem.name + "-reliability.json")
+        }, out_dir, "landmark-attention", sample_id)
         confidences = {name: float(confidence(torch.from_numpy(p))) for name, p in distributions.items()}
-        _plot_reliability(distributions, confidences, label_names, title, reliability_png)
-        reliability_json.write_text(json.dumps({
-            "sample_id": sample_id, "predicted": predicted, "label": label_names[label] if label >= 0 else None,
+        reliability = write_explanation(_plot_reliability(distributions, confidences, label_names, title), {
+            "predicted": predicted, "label": label_names[label] if label >= 0 else None,
             "classes": list(label_names), "balancing": self.balancing,
             "distributions": {name: p.tolist() for name, p in distributions.items()},
-            "confidences": confidences}, indent=1))
-        return [attention_png, attention_json, reliability_png, reliability_json]
+            "confidences": confidences}, out_dir, "reliability", sample_id)
+        return attention + reliability
 
     # ----- registry convention --------------------------------------------------------------------------------
 
@@ -509,13 +504,9 @@ def attention_received(attention: Tensor, window: int, height: int, width: int) 
 
 
 def _plot_attention(face: np.ndarray, maps: list[np.ndarray], windows: Sequence[int], detected: np.ndarray,
-                    given: np.ndarray | None, title: str, path: Path) -> None:
+                    given: np.ndarray | None, title: str) -> "Figure":
     """The face with its landmarks, then one panel per scale: the attention each region receives, over the face."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    figure = Figure(figsize=(3.0 * (1 + len(maps)), 3.4))
-    FigureCanvasAgg(figure)
+    figure = new_figure(3.0 * (1 + len(maps)), 3.4)
     side = face.shape[0]
     axes = figure.add_subplot(1, 1 + len(maps), 1)
     axes.imshow(face)
@@ -539,7 +530,7 @@ def _plot_attention(face: np.ndarray, maps: list[np.ndarray], windows: Sequence[
                        fontsize=8)
         axes.set_axis_off()
     figure.suptitle(f"{title}\nattention the landmark queries give each image region", fontsize=9)
-    figure.savefig(path, dpi=110, bbox_inches="tight")
+    return figure
 
 
 _DISTRIBUTION_NAMES = {"primary": "primary l", "geometric": "anchors t_g", "attentive": "attention t_a",
@@ -547,14 +538,10 @@ _DISTRIBUTION_NAMES = {"primary": "primary l", "geometric": "anchors t_g", "atte
 
 
 def _plot_reliability(distributions: dict[str, np.ndarray], confidences: dict[str, float], label_names: list[str],
-                      title: str, path: Path) -> None:
+                      title: str) -> "Figure":
     """Grouped bars per class: the primary distribution, the corrections and the final corrected distribution."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
     classes = len(label_names)
-    figure = Figure(figsize=(2.0 + 0.9 * classes, 3.4))
-    FigureCanvasAgg(figure)
+    figure = new_figure(2.0 + 0.9 * classes, 3.4)
     axes = figure.add_subplot(1, 1, 1)
     width = 0.8 / len(distributions)
     for i, (name, values) in enumerate(distributions.items()):
@@ -565,7 +552,7 @@ def _plot_reliability(distributions: dict[str, np.ndarray], confidences: dict[st
     axes.set_ylim(0, 1)
     axes.legend(fontsize=7)
     axes.set_title(f"{title}\nreliability balancing: primary against corrected distribution", fontsize=9)
-    figure.savefig(path, dpi=110, bbox_inches="tight")
+    return figure
 
 
 @register_model("grefel", ablations=ABLATIONS)

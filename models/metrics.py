@@ -7,10 +7,12 @@ or JSON-ready dicts; bad input raises ValueError with a message naming the offen
 """
 from __future__ import annotations
 
-import os
+from pathlib import Path
 from typing import Sequence
 
 import numpy as np
+
+from .figures import new_figure, save_figure
 
 DEFAULT_THRESHOLD_GRID = np.linspace(0.05, 0.95, 19)
 
@@ -210,18 +212,11 @@ def confusion_table(cm, class_names: Sequence[str], normalise: bool = True) -> s
 
 def save_confusion_png(cm, class_names: Sequence[str], path, normalise: bool = True, title: str = "") -> None:
     """Write the confusion matrix as an annotated heat map PNG (rows = true class)."""
-    try:
-        from matplotlib.backends.backend_agg import FigureCanvasAgg
-        from matplotlib.figure import Figure
-    except ImportError as error:
-        raise RuntimeError("saving confusion plots needs matplotlib: pip install matplotlib") from error
     matrix = _square_matrix(cm)
     names = _check_names(class_names, matrix.shape[0])
     values = _row_normalised(matrix) if normalise else matrix.astype(np.float64)
     size = 1.5 + 0.6 * len(names)
-    # A bare Figure on the Agg canvas: no pyplot global state, works headless and in worker threads.
-    figure = Figure(figsize=(size + 1.5, size))
-    FigureCanvasAgg(figure)
+    figure = new_figure(size + 1.5, size)
     axes = figure.add_subplot()
     image = axes.imshow(values, cmap="Blues", vmin=0.0, vmax=1.0 if normalise else max(values.max(), 1.0))
     figure.colorbar(image, ax=axes)
@@ -238,8 +233,7 @@ def save_confusion_png(cm, class_names: Sequence[str], path, normalise: bool = T
             axes.text(col, row, text, ha="center", va="center", fontsize=8,
                       color="white" if dark[row, col] else "black")
     figure.tight_layout()
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    figure.savefig(path, format="png", dpi=100)
+    save_figure(figure, Path(path))
 
 
 def multi_view_average(logits_per_view) -> np.ndarray:

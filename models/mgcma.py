@@ -51,10 +51,10 @@ while LayerNorm encoders (e.g. large-lv60) run batched with the attention mask. 
 from __future__ import annotations
 
 import itertools
-import json
 import math
 import textwrap
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -69,6 +69,10 @@ from .layers.optim import parameter_groups
 from .losses import labelled_cross_entropy
 from .registry import Ablation, ModelInputs, register_model
 from .text import TINY_VOCAB_SIZE, load_tokenizer, tiny_tokenizer
+from .figures import new_figure, prediction_title, write_explanation
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 # Tiny configs: forward + backward in well under a second on CPU. The tiny Wav2Vec2 downsamples 20x (two
 # convolutions, strides 5 and 4) where the base one downsamples 320x (20 ms frames).
@@ -443,18 +447,14 @@ class Mgcma(nn.Module):
         by_frame = torch.stack([to_text[:, m].sum(1) for m in members], dim=1).numpy()    # (frames, words)
         seconds_per_frame = float(batch["waveform_mask"][0].sum()) / SAMPLE_RATE / speech_frames
         probabilities = outputs["logits"][0].float().softmax(-1).cpu()
-        predicted = label_names[int(probabilities.argmax())]
-        label = int(batch["labels"][0])
-        title = (f"{sample_id}: predicted {predicted} ({float(probabilities.max()):.2f})"
-                 + (f", true {label_names[label]}" if label >= 0 else ""))
+        title = prediction_title(sample_id, probabilities, label_names, int(batch["labels"][0]))
         waveform = batch["waveform"][0, :int(batch["waveform_mask"][0].sum())].float().cpu().numpy()
-        stem = out_dir / f"{sample_id.replace('/', '_')}-token-attention"
-        _plot_token_attention(matrix, names, waveform, seconds_per_frame, title, stem.with_suffix(".png"))
-        stem.with_suffix(".json").write_text(json.dumps(
-            {"sample_id": sample_id, "transcript": transcript, "words": names, "predicted": predicted,
-             "probabilities": probabilities.tolist(), "seconds_per_frame": seconds_per_frame,
-             "text_to_speech": matrix.tolist(), "speech_to_text": by_frame.tolist()}, indent=2))
-        return [stem.with_suffix(".png"), stem.with_suffix(".json")]
+        figure = _plot_token_attention(matrix, names, waveform, seconds_per_frame, title)
+        return write_explanation(figure, {
+            "transcript": transcript, "words": names, "predicted": label_names[int(probabilities.argmax())],
+            "probabilities": probabilities.tolist(), "seconds_per_frame": seconds_per_frame,
+            "text_to_speech": matrix.tolist(), "speech_to_text": by_frame.tolist()}, out_dir, "token-attention",
+            sample_id)
 
     # ----- registry convention --------------------------------------------------------------------------------
 
@@ -497,15 +497,11 @@ def _prefix_mask(lengths: Tensor, width: int) -> Tensor:
 
 
 def _plot_token_attention(matrix: np.ndarray, words: list[str], waveform: np.ndarray, seconds_per_frame: float,
-                          title: str, path: Path) -> None:
+                          title: str) -> "Figure":
     """The waveform over time, and below it the words x frames attention on the same time axis."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
     rows, frames = matrix.shape
     duration = frames * seconds_per_frame
-    figure = Figure(figsize=(min(16.0, 4.0 + 2.0 * duration), 1.8 + 0.3 * rows), layout="constrained")
-    FigureCanvasAgg(figure)
+    figure = new_figure(min(16.0, 4.0 + 2.0 * duration), 1.8 + 0.3 * rows, layout="constrained")
     wave, heat = figure.subplots(2, 1, sharex=True, gridspec_kw={"height_ratios": [1.0, max(1.5, 0.3 * rows)]})
     wave.plot(np.arange(len(waveform)) / SAMPLE_RATE, waveform, linewidth=0.5, color="0.3")
     wave.set_yticks([])
@@ -515,7 +511,7 @@ def _plot_token_attention(matrix: np.ndarray, words: list[str], waveform: np.nda
     figure.colorbar(image, ax=[wave, heat], label="attention weight")
     heat.set_yticks(range(rows), [textwrap.shorten(w, 24) for w in words], fontsize=7)
     heat.set_xlabel("time (s): speech frames each word attends to (last token-alignment block, text -> speech)")
-    figure.savefig(path, dpi=110, bbox_inches="tight")
+    return figure
 
 
 _SHORT = {"distribution": "DAM", "token": "TAM", "instance": "IAM"}

@@ -60,11 +60,10 @@ from __future__ import annotations
 
 import functools
 import hashlib
-import json
 import math
 import warnings
 from pathlib import Path
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
 import torch
@@ -78,6 +77,10 @@ from .layers.optim import parameter_groups
 from .losses import labelled_cross_entropy
 from .registry import CLIP_MEAN, CLIP_STD, Ablation, ModelInputs, register_model
 from .text import TINY_VOCAB_SIZE, load_tokenizer, tiny_tokenizer
+from .figures import displayable, new_figure, prediction_title, write_explanation
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 SOURCE, TARGET = 0, 1
 # The task whose labelled training samples fill each domain's bank (see models/data.py TASKS).
@@ -371,18 +374,15 @@ class PCA(nn.Module):
                          for name, key in (("image", "cls_logits"), ("aligned", "iga_logits"))}
         predicted = {name: label_names[int(p.argmax())] for name, p in probabilities.items()}
         label = int(batch["labels"][0])
-        title = (f"{sample_id}: predicted {predicted['aligned']} ({float(probabilities['aligned'].max()):.2f}; "
-                 f"from x_v alone {predicted['image']})" + (f", true {label_names[label]}" if label >= 0 else ""))
-        stem = out_dir / f"{sample_id.replace('/', '_')}-bank-attention"
-        _plot_bank_attention(attention, sizes, label_names, title, batch["frames"][0, 0], self.inputs,
-                             stem.with_suffix(".png"))
-        stem.with_suffix(".json").write_text(json.dumps(
-            {"sample_id": sample_id, "label": label_names[label] if label >= 0 else None,
-             "classes": list(label_names), "domains": list(DOMAIN_NAMES),
-             "attention": attention.tolist(), "bank_sizes": sizes,
-             "probabilities": {name: p.tolist() for name, p in probabilities.items()},
-             "predicted": predicted}, indent=2))
-        return [stem.with_suffix(".png"), stem.with_suffix(".json")]
+        title = prediction_title(sample_id, probabilities["aligned"], label_names, label,
+                                 note=f"from x_v alone {predicted['image']}")
+        figure = _plot_bank_attention(attention, sizes, label_names, title, batch["frames"][0, 0], self.inputs)
+        return write_explanation(figure, {
+            "label": label_names[label] if label >= 0 else None,
+            "classes": list(label_names), "domains": list(DOMAIN_NAMES),
+            "attention": attention.tolist(), "bank_sizes": sizes,
+            "probabilities": {name: p.tolist() for name, p in probabilities.items()},
+            "predicted": predicted}, out_dir, "bank-attention", sample_id)
 
     # ----- registry convention --------------------------------------------------------------------------------
 
@@ -405,17 +405,12 @@ def _replace_hidden(args: tuple, kwargs: dict, replace) -> tuple[tuple, dict]:
 
 
 def _plot_bank_attention(attention: np.ndarray, sizes: list[list[int]], classes: list[str], title: str,
-                         frame: Tensor, inputs: ModelInputs, path: Path) -> None:
+                         frame: Tensor, inputs: ModelInputs) -> "Figure":
     """The face, and a heat map of the attention weights (rows: banks, columns: classes), each cell annotated with
     its weight and the number of samples behind that centre."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    figure = Figure(figsize=(4.5 + 0.9 * len(classes), 3.2), layout="constrained")
-    FigureCanvasAgg(figure)
+    figure = new_figure(4.5 + 0.9 * len(classes), 3.2, layout="constrained")
     face, heat = figure.subplots(1, 2, gridspec_kw={"width_ratios": [1.0, max(1.0, 0.45 * len(classes))]})
-    mean, std = torch.tensor(inputs.mean)[:, None, None], torch.tensor(inputs.std)[:, None, None]
-    face.imshow((frame.float().cpu() * std + mean).clamp(0, 1).permute(1, 2, 0).numpy())
+    face.imshow(displayable(frame, inputs.mean, inputs.std))
     face.set_axis_off()
     image = heat.imshow(attention, cmap="viridis", vmin=0.0, vmax=1.0, aspect="auto")
     for d in range(attention.shape[0]):
@@ -428,7 +423,7 @@ def _plot_bank_attention(attention: np.ndarray, sizes: list[list[int]], classes:
     heat.set_title("attention over the class centres (Eq. 10)", fontsize=9)
     figure.colorbar(image, ax=heat)
     figure.suptitle(title, fontsize=9)
-    figure.savefig(path, dpi=110, bbox_inches="tight")
+    return figure
 
 
 def _table_ii(cpt: bool, iga: bool) -> Ablation:

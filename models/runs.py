@@ -17,11 +17,13 @@ whatever the project config says today.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import inspect
 import json
 import os
 import subprocess
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 from typing import Any, Literal
 
@@ -337,10 +339,31 @@ class RunFolder:
         done = self.finished_checkpoints()
         return done[-1] if done else None
 
+    def finish_checkpoint(self, checkpoint: Path, epoch: int) -> None:
+        """Seal a checkpoint folder: trainer_state.json, written last, records the epoch and each file's size and
+        SHA-256, so that a file cut short (a copy, a full disk) or changed since is found before it is loaded;
+        accelerate itself only warns on unreadable random states, and the run would silently diverge."""
+        files = {p.name: _file_digest(p) for p in sorted(checkpoint.iterdir())
+                 if p.is_file() and p.name != "trainer_state.json"}
+        RunFolder(checkpoint).write_json("trainer_state.json", {"epoch": epoch, "files": files,
+                                                                "finished": datetime.now().isoformat()})
+
     def require_checkpoint(self) -> Path:
+        """The last finished checkpoint, its files checked against what was saved."""
         checkpoint = self.latest_checkpoint()
         if checkpoint is None:
             raise ConfigError(f"{self.path} has no finished checkpoint yet")
+        damaged = f"checkpoint {checkpoint} is damaged"
+        advice = "restore it from a copy, or start a new run"
+        state = _json_or_empty(checkpoint / "trainer_state.json")
+        if "epoch" not in state:
+            raise ConfigError(f"{damaged}: trainer_state.json is unreadable; {advice}")
+        for name, expected in state.get("files", {}).items():   # none recorded by checkpoints of older versions
+            path = checkpoint / name
+            if not path.exists():
+                raise ConfigError(f"{damaged}: {name} is missing; {advice}")
+            if _file_digest(path) != expected:
+                raise ConfigError(f"{damaged}: {name} differs from what was saved (cut short or changed); {advice}")
         return checkpoint
 
     def trained_model(self) -> nn.Module:
@@ -357,6 +380,19 @@ def load_weights(model: nn.Module, checkpoint: Path) -> nn.Module:
                                                                     map_location="cpu", weights_only=True)
     model.load_state_dict(state)
     return model
+
+
+def _file_digest(path: Path) -> dict[str, Any]:
+    with open(path, "rb") as f:
+        return {"bytes": path.stat().st_size, "sha256": hashlib.file_digest(f, "sha256").hexdigest()}
+
+
+def _json_or_empty(path: Path) -> dict:
+    try:
+        value = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return value if isinstance(value, dict) else {}
 
 
 def git_state() -> dict[str, Any]:

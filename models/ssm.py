@@ -69,6 +69,7 @@ from .layers.optim import parameter_groups
 from .losses import labelled_cross_entropy
 from .registry import CLIP_MEAN, CLIP_STD, Ablation, ModelInputs, register_model
 from .text import TINY_VOCAB_SIZE, load_tokenizer, tiny_tokenizer
+from .figures import new_figure, write_explanation
 
 TASKS = ("expression", "au")
 TEXT_FORMS = ("words", "standalone", "compound")
@@ -416,16 +417,15 @@ class SSM(nn.Module):
 
     # ----- explanation ----------------------------------------------------------------------------------------
 
-    def explain(self, batch: dict | None, out_dir: str | Path) -> list[Path]:
+    explains_samples = False   # the maps do not depend on the input: `affectprep explain RUN` needs no sample
+
+    def explain(self, out_dir: str | Path) -> list[Path]:
         """Draw the learnt DPM maps beside the maps the FACS prior gives (both as applied: row softmax over
-        tau_m), AU -> expression on top, expression -> AU below, in one PNG. The maps do not depend on the input;
-        `batch` is taken for the common explain signature."""
+        tau_m), AU -> expression on top, expression -> AU below: `dpm-maps.png`, and the four matrices with their
+        row and column names in `dpm-maps.json`."""
         if not isinstance(self.dpm, DynamicPriorMapping):
             why = "dpm=False" if self.dpm is None else f"dpm_mode={self.dpm.kind!r} replaces them"
             raise ValueError(f"this SSM has no DPM matrices ({why}): there are no mapping matrices to draw")
-        from matplotlib.backends.backend_agg import FigureCanvasAgg
-        from matplotlib.figure import Figure
-
         with torch.no_grad():
             learnt = [m.float().cpu().numpy() for m in self.dpm.maps()]
             prior = self.prior.float().cpu()
@@ -434,9 +434,7 @@ class SSM(nn.Module):
         rows = (("AU -> expression", self.expression_names, self.au_names),
                 ("expression -> AU", self.au_names, self.expression_names))
         width = 2 + 0.3 * (self.num_classes + self.num_aus)
-        # A bare Figure on the Agg canvas: no pyplot global state, works headless and in worker threads.
-        figure = Figure(figsize=(2 * width, 1.6 * width))
-        FigureCanvasAgg(figure)
+        figure = new_figure(2 * width, 1.6 * width)
         grid = figure.subplots(2, 2)
         for row, (title, row_names, column_names) in enumerate(rows):
             for column, (kind, matrix) in enumerate((("FACS prior", from_prior[row]), ("learnt", learnt[row]))):
@@ -447,11 +445,10 @@ class SSM(nn.Module):
                 axes.set_title(f"{title}: {kind}")
                 figure.colorbar(image, ax=axes)
         figure.tight_layout()
-        out_dir = Path(out_dir)
-        out_dir.mkdir(parents=True, exist_ok=True)
-        path = out_dir / "ssm_dpm_maps.png"
-        figure.savefig(path, format="png", dpi=100)
-        return [path]
+        record = {"tau": self.dpm.tau, "expressions": list(self.expression_names), "aus": list(self.au_names),
+                  "au_to_expression": {"prior": from_prior[0].tolist(), "learnt": learnt[0].tolist()},
+                  "expression_to_au": {"prior": from_prior[1].tolist(), "learnt": learnt[1].tolist()}}
+        return write_explanation(figure, record, Path(out_dir), "dpm-maps")
 
 
 def _tasks(tasks: str | Sequence[str]) -> tuple[str, ...]:

@@ -123,7 +123,7 @@ def train(config: TrainConfig, sources: dict[str, Sources], runs_dir: Path = Pat
     if resume:
         checkpoint = run.require_checkpoint()
         accelerator.load_state(str(checkpoint))
-        start = run.read_json(f"checkpoints/{checkpoint.name}/trainer_state.json")["epoch"] + 1
+        start = RunFolder(checkpoint).read_json("trainer_state.json")["epoch"] + 1
         history = history[:start]
         say(f"resuming {run.path} after epoch {start} ({checkpoint.name})")
     say(f"run {run.path}: {config.model_name} on {', '.join(f'{t}={sources[t].dataset}' for t in tasks)}, "
@@ -262,7 +262,7 @@ def _save_checkpoint(accelerator: Accelerator, run: RunFolder, epoch: int, histo
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         run.write_json("metrics.json", history)
-        RunFolder(target).write_json("trainer_state.json", {"epoch": epoch, "finished": datetime.now().isoformat()})
+        run.finish_checkpoint(target, epoch)
         for old in run.finished_checkpoints()[:-CHECKPOINTS_KEPT]:
             shutil.rmtree(old, ignore_errors=True)
     accelerator.wait_for_everyone()

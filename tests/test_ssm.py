@@ -5,6 +5,7 @@ single-task (STL) models, parameter groups, the registered ablation rows and the
 from __future__ import annotations
 
 import copy
+import json
 import math
 import os
 import warnings
@@ -468,7 +469,7 @@ def test_table_vii_linear_and_mlp_map_along_the_label_axis(facs, mode):
     if mode == "mlp":
         assert model.dpm.au_to_expression[0].out_features == 7 + 12
     with pytest.raises(ValueError, match="no DPM matrices"):
-        model.explain(None, "unused")
+        model.explain("unused")
 
 
 # ---- losses (Eqs. 12-14) -----------------------------------------------------------------------------------------
@@ -640,8 +641,14 @@ def test_every_ablation_table_of_the_paper_is_registered_and_its_model_options_b
 
 def test_explain_draws_the_learnt_maps_beside_the_prior(facs, tmp_path):
     model = tiny_ssm(facs)
-    paths = model.explain(None, tmp_path / "explain")
-    assert len(paths) == 1 and paths[0].suffix == ".png"
-    assert paths[0].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and paths[0].stat().st_size > 5000
+    png, record = model.explain(tmp_path / "explain")
+    assert (png.name, record.name) == ("dpm-maps.png", "dpm-maps.json")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 5000
+    drawn = json.loads(record.read_text())
+    with torch.no_grad():
+        learnt = [m.numpy() for m in model.dpm.maps()]
+    np.testing.assert_allclose(drawn["au_to_expression"]["learnt"], learnt[0], rtol=1e-6)
+    np.testing.assert_allclose(drawn["expression_to_au"]["learnt"], learnt[1], rtol=1e-6)
+    assert len(drawn["expressions"]) == model.num_classes and len(drawn["aus"]) == model.num_aus
     with pytest.raises(ValueError, match="no DPM"):
-        tiny_ssm(facs, dpm=False).explain(None, tmp_path)
+        tiny_ssm(facs, dpm=False).explain(tmp_path)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -135,6 +136,25 @@ def test_resume_from_a_checkpoint_equals_the_uninterrupted_run(sources, tmp_path
     assert losses(whole) == losses(part) and len(losses(part)) == 3
 
 
+def test_a_damaged_checkpoint_is_refused_in_one_line_before_anything_loads_it(sources, tmp_path):
+    # accelerate only warns on unreadable random states: without the check, the run would silently diverge.
+    part = train(TrainConfig(**TINY, epochs=2), sources, tmp_path / "runs", stop_after_epoch=0, echo=lambda _: None)
+    checkpoint = RunFolder(part).require_checkpoint()
+    for name in ("random_states_0.pkl", "model.safetensors"):
+        damaged = tmp_path / name
+        shutil.copytree(part, damaged)
+        path = damaged / "checkpoints" / checkpoint.name / name
+        path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])       # a copy cut short
+        for command in (["train", "--resume", str(damaged)], ["eval", str(damaged)]):
+            done = subprocess.run([sys.executable, "-m", "affectprep", *command], capture_output=True, text=True,
+                                  timeout=300)
+            assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
+            assert done.stderr.strip().splitlines() == [
+                f"affectprep: error: checkpoint {damaged / 'checkpoints' / checkpoint.name} is damaged: {name} "
+                f"differs from what was saved (cut short or changed); restore it from a copy, or start a new run"]
+    assert RunFolder(part).require_checkpoint() == checkpoint                 # the intact run still resumes
+
+
 @pytest.fixture
 def fresh_accelerate_state():
     # accelerate keeps one process-wide state, fixed by the first Accelerator: a run with another precision in the
@@ -244,5 +264,7 @@ def test_train_cli_errors_are_one_line(project, tmp_path):
     assert resumed.returncode == 2 and "drop MODEL, --set" in resumed.stderr
     au = cli("train", "grace", "--tiny", "--config", str(project.path), "--au-dataset", "demo")
     assert au.returncode == 2 and "no AU labels" in au.stderr
-    target = cli("train", "grace", "--tiny", "--config", str(project.path), "--target-dataset", "demo")
+    folds = cli("train", "grace", "--tiny", "--config", str(project.path))
+    assert folds.returncode == 2 and "official folds [1, 2, 3, 4, 5]: pass --fold K, or --fold all" in folds.stderr
+    target = cli("train", "grace", "--tiny", "--config", str(project.path), "--fold", "1", "--target-dataset", "demo")
     assert target.returncode == 2 and "learns expression; datasets were given for expression, target" in target.stderr
