@@ -10,7 +10,7 @@ import numpy as np
 
 from ..backends.llm import OPENAI_BASE_URL, ChatClient, ChatResult, LLMFailure
 from ..facs import DEFAULT as PROMPTS_DIR
-from ..stage import file_digest, failed_row
+from ..stage import failed_row, file_digest
 
 
 def parse_backend(spec: str, known: tuple[str, ...], where: str) -> tuple[str, str]:
@@ -27,6 +27,26 @@ def parse_backend(spec: str, known: tuple[str, ...], where: str) -> tuple[str, s
 _NEEDS_MODEL = ("openai", "hf", "vllm", "t5")
 _EXAMPLES = {"openai": "gpt-4o-mini", "hf": "LanguageBind/Video-LLaVA-7B-hf", "vllm": "llava-hf/LLaVA-NeXT-Video-7B-hf",
              "t5": "google/flan-t5-base"}
+
+
+# How requests are sent and priced, not what they ask: never part of a text version's key. (Cost is counted from
+# the prices when an answer arrives, so a changed price table prices the next answers, not a new version.)
+OPERATIONAL = ("concurrency", "timeout", "max_retries", "prices")
+
+
+def keyed_text_config(config: dict[str, Any], kind: str) -> dict[str, Any]:
+    """A text stage's config as its key sees it, without what its backend never reads: the endpoint only where
+    an OpenAI-compatible server answers (it names the model that answers), the device only where a local model
+    runs on it, no temperature for the local models (they decode greedily), no prompt or generation parameters for
+    the motion captioner and the template."""
+    unused = set() if kind == "openai" else {"base_url"}
+    if kind not in ("hf", "vllm", "t5"):
+        unused.add("device")
+    else:
+        unused.add("temperature")
+    if kind in ("motion", "template"):
+        unused |= {"prompt", "max_tokens", "temperature", "num_frames"}
+    return {k: v for k, v in config.items() if k not in unused}
 
 
 def prompt_file(name: str) -> Path:
