@@ -74,11 +74,15 @@ def chat_client(config: Any, context: dict[str, Any]) -> ChatClient:
 
 def text_row(sample_id: str, answer: ChatResult | LLMFailure, field: str, backend: str, model: str,
              **extra: Any) -> dict[str, Any]:
+    """The row of one answer. Tokens and cost count what this run sent: an answer the response cache served
+    cost nothing now (its first run paid for it), so a version filled from the cache costs 0."""
     if isinstance(answer, LLMFailure):
         return failed_row(sample_id, str(answer))
+    sent = not answer.cached
     return {"sample_id": sample_id, "status": "ok", "error": None, field: answer.text.strip(), "backend": backend,
-            "model": model, "prompt_tokens": answer.prompt_tokens, "completion_tokens": answer.completion_tokens,
-            "cost_usd": answer.cost_usd, **extra}
+            "model": model, "prompt_tokens": answer.prompt_tokens if sent else 0,
+            "completion_tokens": answer.completion_tokens if sent else 0,
+            "cost_usd": answer.cost_usd if sent else 0.0, **extra}
 
 
 def offline_row(sample_id: str, field: str, text: str, backend: str, model: str, **extra: Any) -> dict[str, Any]:
