@@ -14,7 +14,7 @@ import pytest
 from affectprep.config import ConfigError, DatasetConfig, ProjectConfig, load_project, write_project
 from affectprep.pipeline.dag import ensure_index, plan_stages, run_pipeline
 from affectprep.pipeline.demo import make_demo_dataset
-from affectprep.pipeline.text_versions import resolve_version, text_versions
+from affectprep.pipeline.text_versions import text_versions
 
 from openai_server import OpenAITestServer
 
@@ -171,6 +171,7 @@ def test_import_batch_refuses_what_is_not_this_versions(project, tmp_path):
 # ---- issue 10 item 12 --------------------------------------------------------------------------------------------
 
 def test_text_versions_are_named_by_a_unique_prefix(project):
+    from affectprep.pipeline.text_versions import resolve_version
     key = keys(project)["cate"]
     assert resolve_version(project, "demo", key[:6]).key == key
     (project.cache / "demo" / "cate" / (key[:4] + "zzzz")).mkdir()
