@@ -149,9 +149,11 @@ def _echo_llm_estimate(project: ProjectConfig, stage: str | None, datasets: list
         if dry_run:
             typer.echo("no LLM requests to send: no text stage uses an openai:<model> backend")
         return
-    estimates = [e for e in estimate_run(project, stage, datasets, limit, retry_failed) if e.requests]
+    planned = estimate_run(project, stage, datasets, limit, retry_failed)
+    estimates = [e for e in planned if e.requests]
     if not estimates:
-        typer.echo("LLM requests to send: none (every sample is done)")
+        if planned or dry_run:
+            typer.echo("LLM requests to send: none" + (" (every sample is done)" if planned else ""))
         return
     typer.echo("LLM requests to send (estimate; answers already in the response cache cost nothing):")
     for e in estimates:
