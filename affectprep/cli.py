@@ -150,7 +150,7 @@ def _echo_llm_estimate(project: ProjectConfig, stage: str | None, datasets: list
             typer.echo("no LLM requests to send: no text stage uses an openai:<model> backend")
         return
     planned = estimate_run(project, stage, datasets, limit, retry_failed)
-    estimates = [e for e in planned if e.requests]
+    estimates = [e for e in planned if e.requests or e.cached]
     if not estimates:
         if planned or dry_run:
             typer.echo("LLM requests to send: none" + (" (every sample is done)" if planned else ""))

@@ -13,15 +13,19 @@ from __future__ import annotations
 import base64
 import io
 import math
+import os
 from dataclasses import dataclass
 from itertools import islice
 from typing import Any
+
+from pathlib import Path
 
 from PIL import Image
 
 from affectprep.config import ProjectConfig
 
-from .backends.llm import DEFAULT_PRICES, ChatRequest, price_for
+from .backends.llm import DEFAULT_PRICES, OPENAI_BASE_URL, ChatRequest, price_for
+from .backends.llm_cache import ResponseCache
 from .backends.llm_batch import BATCH_PRICE_FACTOR
 from .dag import DatasetPlan, StagePlan, dataset_names, ensure_index, joined_rows
 
@@ -78,42 +82,62 @@ class Estimate:
     dataset: str
     stage: str                 # "cate[fold 2]"
     backend: str
-    requests: int
+    requests: int              # to send: the response cache answers the others for free
     prompt_tokens: int
     completion_tokens: int     # at most: max_tokens per request
     priced: bool
     cost_online: float         # at most, completions at max_tokens
     cost_batch: float
+    cached: int = 0            # requests the response cache already answers (not in `requests`)
 
     def line(self) -> str:
         cost = (f"cost <= ${self.cost_online:,.4f} online, ${self.cost_batch:,.4f} batch" if self.priced
                 else "no price for this model (add it to the stage's prices)")
-        return (f"{self.dataset} {self.stage} ({self.backend}): {self.requests} request(s), ~{self.prompt_tokens:,} "
-                f"prompt tokens, <= {self.completion_tokens:,} completion tokens; {cost}")
+        cached = f" (and {self.cached} the response cache answers, free)" if self.cached else ""
+        return (f"{self.dataset} {self.stage} ({self.backend}): {self.requests} request(s){cached}, "
+                f"~{self.prompt_tokens:,} prompt tokens, <= {self.completion_tokens:,} completion tokens; {cost}")
+
+
+def _in_response_cache(stage_plan: StagePlan, requests: list[ChatRequest]) -> list[bool]:
+    """Which requests the shared response cache already answers (the client's own cache and keys)."""
+    cache = stage_plan.stage.context.get("cache")
+    folder = Path(cache) / "llm_responses" if cache else None
+    if folder is None or not folder.is_dir():
+        return [False] * len(requests)
+    base_url = (stage_plan.stage.config.base_url or os.environ.get("OPENAI_BASE_URL") or OPENAI_BASE_URL).rstrip("/")
+    found = ResponseCache(folder).get_many(r.key(base_url) for r in requests)
+    return [r.key(base_url) in found for r in requests]
 
 
 def estimate(dataset: str, stage_plan: StagePlan, count: int, measured: list[ChatRequest],
-             stand_in: ChatRequest | None) -> Estimate:
-    """`count` requests, `measured` of them built for real; the rest at their mean (or at `stand_in`)."""
+             stand_in: ChatRequest | None, live: bool = True) -> Estimate:
+    """`count` requests, `measured` of them built for real; the rest at their mean (or at `stand_in`). For a
+    `live` run, the share of the measured ones the response cache answers is taken as the share of all (a Batch
+    API file holds every request)."""
     stage = stage_plan.stage
-    tokens = sum(map(prompt_tokens, measured))
-    rest = count - len(measured)
+    hits = _in_response_cache(stage_plan, measured) if live else [False] * len(measured)
+    cached = round(count * sum(hits) / len(measured)) if measured else 0
+    to_send = [r for r, hit in zip(measured, hits) if not hit]
+    tokens = sum(map(prompt_tokens, to_send))
+    rest = count - cached - len(to_send)
     if rest > 0:
-        mean = tokens / len(measured) if measured else prompt_tokens(stand_in) if stand_in else 0
+        mean = (tokens / len(to_send) if to_send else sum(map(prompt_tokens, measured)) / len(measured)
+                if measured else prompt_tokens(stand_in) if stand_in else 0)
         tokens += round(mean * rest)
+    count -= cached
     completion = count * stage.config.max_tokens
     prices = {**DEFAULT_PRICES, **{m: tuple(p) for m, p in (stage.config.prices or {}).items()}}
     price = price_for(stage.model, prices)
     online = (tokens * price[0] + completion * price[1]) / 1e6 if price else 0.0
     backend = getattr(stage.config, "captioner", None) or getattr(stage.config, "llm", "")
     return Estimate(dataset, stage_plan.name, backend, count, tokens, completion, price is not None, online,
-                    online * BATCH_PRICE_FACTOR)
+                    online * BATCH_PRICE_FACTOR, cached)
 
 
 def estimate_rows(dataset: str, stage_plan: StagePlan, rows: list[dict[str, Any]]) -> Estimate:
     """The estimate of the requests of these joined rows (what an export writes)."""
     sample = rows[:SAMPLED]
-    return estimate(dataset, stage_plan, len(rows), stage_plan.stage.requests(sample), None)
+    return estimate(dataset, stage_plan, len(rows), stage_plan.stage.requests(sample), None, live=False)
 
 
 def estimate_run(project: ProjectConfig, target: str | None, datasets: list[str] | None, limit: int | None = None,

@@ -228,6 +228,15 @@ def test_an_llm_run_says_what_it_will_send_and_dry_run_stops_there(project, serv
     assert server.request_count == sent
     assert keys(load_project(project.path, ["captions.temperature=0.4"]))["captions"] not in \
         [p.name for p in (project.cache / "demo" / "captions").iterdir()]
+    # a version whose answers the response cache holds (its store gone): nothing to send, nothing to pay
+    gone = tmp_path / "cate-store"
+    (project.cache / "demo" / "cate" / keys(project)["cate"]).rename(gone)
+    try:
+        cached = cli("run", "--scheduler", "inline", "--quiet", "--dry-run", project=project)
+    finally:
+        gone.rename(project.cache / "demo" / "cate" / keys(project)["cate"])
+    line = next(line for line in cached.stdout.splitlines() if line.startswith("  demo cate"))
+    assert f"0 request(s) (and {CLIPS} the response cache answers, free)" in line and "cost <= $0.0000" in line
     requests = tmp_path / "dry.jsonl"
     dry = cli("text", "export-batch", "cate", "--out", str(requests), "--dataset", "demo", "--dry-run",
               "--set", "cate.temperature=0.6", project=project)
