@@ -322,7 +322,8 @@ def text_export_batch(stage: Annotated[str, typer.Argument(help="captions or cat
         typer.echo("dry run: nothing written")
         return
     count = export_requests(project, dataset, stage, out, fold)
-    typer.echo(f"wrote {count} request(s) to {out}; custom_id is the sample id")
+    typer.echo(f"wrote {count} request(s) to {out}; custom_id is SAMPLE@VERSION (the sample id and the text "
+               f"version's first 12 characters)")
 
 
 @text_app.command("import-batch")

@@ -2,10 +2,12 @@
 Batch API, and `vllm run-batch`, take), and import the results file back into the stage's store. Batch requests
 cost half as much, which matters for 60k clips.
 
-Every export is recorded in the cache (batch_exports/DATASET/STAGE/ID.json: the text version it was made for and
-each custom_id's request hash). An import stores answers only into the version they were exported for: results
-with custom_ids no export sent, with one custom_id twice, or imported under other settings than the export's are
-refused whole, so a results file can never become a second, wrongly labelled version."""
+A request's custom_id is SAMPLE@VERSION (the first 12 characters of the text version's key), so a results file
+says which version it answers even when the same samples were exported for several. Every export is also recorded
+in the cache (batch_exports/DATASET/STAGE/ID.json: the version, each custom_id's sample and request hash). An
+import stores answers only into the version they were exported for: results with custom_ids no export sent, with
+one custom_id twice, or imported under other settings than the export's are refused whole, so a results file can
+never become a second, wrongly labelled version."""
 from __future__ import annotations
 
 import hashlib
@@ -67,14 +69,22 @@ def _exports_folder(project: ProjectConfig, dataset: str, stage: str) -> Path:
     return Path(project.cache) / "batch_exports" / dataset / stage
 
 
+def custom_id(sample_id: str, version: str) -> str:
+    return f"{sample_id}@{version[:VERSION_CHARS]}"
+
+
+VERSION_CHARS = 12
+
+
 def export_requests(project: ProjectConfig, dataset: str, stage: str, out: Path, test_fold: int | None = None) -> int:
     """Write the requests of every sample not yet done for the stage's current version; returns their count."""
     plan, rows = pending_requests(project, dataset, stage, test_fold)
-    requests = list(zip((r["sample_id"] for r in rows), plan.stage.requests(rows)))
+    requests = list(zip((custom_id(r["sample_id"], plan.key) for r in rows), plan.stage.requests(rows)))
     export_batch_jsonl(requests, out)
     record = {"dataset": dataset, "stage": stage, "version": plan.key, "test_fold": plan.test_fold,
               "config": plan.config["config"], "file": str(out), "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-              "requests": {sid: _request_hash(request) for sid, request in requests}}
+              "requests": {cid: _request_hash(request) for cid, request in requests},
+              "samples": {cid: row["sample_id"] for (cid, _), row in zip(requests, rows)}}
     folder = _exports_folder(project, dataset, stage)
     folder.mkdir(parents=True, exist_ok=True)
     name = hashlib.sha256(Path(out).read_bytes()).hexdigest()[:16]
@@ -104,12 +114,17 @@ def _export_for(project: ProjectConfig, plan: StagePlan, ids: set[str], results:
                 dataset: str) -> dict[str, Any]:
     """The export these results answer; ConfigError (nothing stored) when there is none, when some custom_ids
     were never exported, or when it was made for another version than the current settings make."""
-    exports = _exports(project, dataset, stage)
-    best = max(reversed(exports), key=lambda r: len(ids & set(r["requests"])), default=None)
-    if best is None or not ids & set(best["requests"]):
+    exports = [r for r in _exports(project, dataset, stage) if ids & set(r["requests"])]
+    if not exports:
         raise ConfigError(f"{results}: none of its {len(ids)} custom_id(s) were exported by `affectprep text "
                           f"export-batch {stage} --dataset {dataset}`; import the results of such an export "
                           f"(nothing stored)")
+    versions = sorted({r["version"] for r in exports})
+    if len(versions) > 1:
+        raise ConfigError(f"{results}: its custom_ids come from exports of several {stage} versions "
+                          f"({', '.join(v[:10] for v in versions)}); import each export's results on their own "
+                          f"(nothing stored)")
+    best = max(reversed(exports), key=lambda r: len(ids & set(r["requests"])))
     unknown = sorted(ids - set(best["requests"]))
     if unknown:
         raise ConfigError(f"{results}: {len(unknown)} custom_id(s) were not in the export they came with (e.g. "
@@ -138,14 +153,16 @@ def import_results(project: ProjectConfig, dataset: str, stage: str, results: Pa
     summary = ImportSummary(skipped_lines=read.skipped)
     if not read.answers:
         return summary
-    exported = _export_for(project, plan, set(read.answers), results, stage, dataset)["requests"]
+    export = _export_for(project, plan, set(read.answers), results, stage, dataset)
+    sample_of = export.get("samples") or {cid: cid for cid in export["requests"]}
+    answers = {sample_of[cid]: (cid, answer) for cid, answer in read.answers.items()}
     by_id = {r["sample_id"]: r for r in rows}
-    summary.already_done = sum(sid not in by_id for sid in read.answers)
-    todo = [by_id[sid] for sid in sorted(read.answers) if sid in by_id]
+    summary.already_done = sum(sid not in by_id for sid in answers)
+    todo = [by_id[sid] for sid in sorted(answers) if sid in by_id]
     current = dict(zip((r["sample_id"] for r in todo), map(_request_hash, plan.stage.requests(todo))))
-    fresh = [r for r in todo if current[r["sample_id"]] == exported[r["sample_id"]]]
+    fresh = [r for r in todo if current[r["sample_id"]] == export["requests"][answers[r["sample_id"]][0]]]
     summary.inputs_changed = len(todo) - len(fresh)
-    out = plan.stage.rows_from_answers(fresh, [read.answers[r["sample_id"]] for r in fresh])
+    out = plan.stage.rows_from_answers(fresh, [answers[r["sample_id"]][1] for r in fresh])
     for row, source in zip(out, fresh):
         row["input_digest"] = source["input_digest"]
     if out:

@@ -158,6 +158,13 @@ def test_import_batch_refuses_what_is_not_this_versions(project, tmp_path):
             refused.stderr
         assert "Traceback" not in refused.stderr and not target.exists()
     assert "cate.temperature = 0.3 at export, 0.0 now" in attempt(answers).stderr
+    # the same samples exported for another version too: these results still answer the first export only
+    other = "cate.temperature=0.35"
+    assert cli("text", "export-batch", "cate", "--out", str(tmp_path / "other.jsonl"), "--dataset", "demo",
+               "--set", other, project=project).returncode == 0
+    crossed = attempt(answers, "--set", other)
+    assert crossed.returncode == 2 and "cate.temperature = 0.3 at export, 0.35 now" in crossed.stderr
+    assert not store(load_project(project.path, [other]), "cate").exists()
     # a malformed line is skipped and named; an oversized answer is a failed sample; the rest are stored
     lines = ["{broken", *answers[:-1], _answer(ids[-1], "word " * 5000, tokens=5000)]
     done = attempt(lines, "--set", setting)
@@ -165,7 +172,8 @@ def test_import_batch_refuses_what_is_not_this_versions(project, tmp_path):
     assert f"stored {CLIPS - 1} answer(s), 1 failed" in done.stdout and "skipped 1 line(s)" in done.stdout
     assert "results.jsonl:1: not a JSON line" in done.stdout
     rows = {r["sample_id"]: r for r in target.read().to_pylist()}
-    assert rows[ids[-1]]["status"] == "failed" and "longer than the request allows" in rows[ids[-1]]["error"]
+    last = ids[-1].rpartition("@")[0]   # custom_id = SAMPLE@VERSION
+    assert rows[last]["status"] == "failed" and "longer than the request allows" in rows[last]["error"]
 
 
 # ---- issue 10 item 12 --------------------------------------------------------------------------------------------
