@@ -48,7 +48,8 @@ def demo(out: Annotated[Path, typer.Option(help="Folder for the demo dataset, pr
     project.stages["cate"]["llm"] = "template"
     write_project(project)
     typer.echo(f"project file: {project.path}")
-    _run_and_exit(project, None, None, workers=workers)
+    _run_and_exit(project, None, None, workers=workers,
+                  status_hint=_status_command(project.path, None, None, None, None, None, None))
 
 
 DATASET_KINDS = ("dfew", "ferv39k", "mafw", "bp4d", "disfa", "iemocap", "csv", "rafdb", "affectnet", "ferplus",
@@ -98,17 +99,67 @@ def run(stage: Annotated[Optional[str], typer.Option(help="Run up to and includi
             help="OpenAI-compatible endpoint (e.g. a vLLM server) for openai:<model> backends.")] = None,
         retry_failed: Annotated[bool, typer.Option(help="Process failed samples again.")] = False,
         batch_size: Annotated[int, typer.Option(min=1, help="Samples per Dask task.")] = 4,
-        quiet: Annotated[bool, typer.Option(help="No progress bars.")] = False) -> None:
+        quiet: Annotated[bool, typer.Option(help="No progress bars.")] = False,
+        dry_run: Annotated[bool, typer.Option(
+            help="Print the LLM requests the run would send (count, tokens, cost) and stop.")] = False) -> None:
     """Run the pipeline up to STAGE, doing only the samples not yet done for the current config."""
+    project = load_project(config, _text_overrides(set_, llm, captioner, base_url), cache)
+    if quiet:
+        _quiet_model_loading()
+    _echo_llm_estimate(project, stage, dataset, limit, retry_failed, dry_run)
+    if dry_run:
+        return
+    hint = _status_command(config, cache, dataset, set_, llm, captioner, base_url)
+    _run_and_exit(project, stage, dataset, status_hint=hint, scheduler=scheduler, workers=workers, limit=limit,
+                  retry_failed=retry_failed, batch_size=batch_size, progress=not quiet)
+
+
+def _text_overrides(set_: list[str] | None, llm: str | None, captioner: str | None,
+                    base_url: str | None) -> list[str]:
+    """--set, plus what --llm, --captioner and --base-url stand for."""
     overrides = list(set_ or [])
     overrides += [f'cate.llm="{llm}"'] if llm else []
     overrides += [f'captions.captioner="{captioner}"'] if captioner else []
     overrides += [f'{stage}.base_url="{base_url}"' for stage in ("captions", "cate")] if base_url else []
-    project = load_project(config, overrides, cache)
-    if quiet:
-        _quiet_model_loading()
-    _run_and_exit(project, stage, dataset, scheduler=scheduler, workers=workers, limit=limit,
-                  retry_failed=retry_failed, batch_size=batch_size, progress=not quiet)
+    return overrides
+
+
+def _status_command(config: Path, cache: Path | None, datasets: list[str] | None, set_: list[str] | None,
+                    llm: str | None, captioner: str | None, base_url: str | None) -> str:
+    """The `status` command that shows the versions this run made: with the run's own options."""
+    import shlex
+
+    args = ["affectprep", "status"]
+    args += ["--config", str(config)] if config != Path(DEFAULT_CONFIG_FILE) else []
+    args += ["--cache", str(cache)] if cache is not None else []
+    for flag, values in (("--dataset", datasets), ("--set", set_), ("--llm", [llm] if llm else []),
+                         ("--captioner", [captioner] if captioner else []),
+                         ("--base-url", [base_url] if base_url else [])):
+        for value in values or []:
+            args += [flag, value]
+    return shlex.join(args)
+
+
+def _echo_llm_estimate(project: ProjectConfig, stage: str | None, datasets: list[str] | None, limit: int | None,
+                       retry_failed: bool, dry_run: bool) -> None:
+    """Before an LLM run: what it will send and what that costs at most."""
+    from affectprep.pipeline.llm_estimate import any_llm_stage, estimate_run
+
+    if not any_llm_stage(project):
+        if dry_run:
+            typer.echo("no LLM requests to send: no text stage uses an openai:<model> backend")
+        return
+    planned = estimate_run(project, stage, datasets, limit, retry_failed)
+    estimates = [e for e in planned if e.requests or e.cached]
+    if not estimates:
+        if planned or dry_run:
+            typer.echo("LLM requests to send: none" + (" (every sample is done)" if planned else ""))
+        return
+    typer.echo("LLM requests to send (estimate; answers already in the response cache cost nothing):")
+    for e in estimates:
+        typer.echo(f"  {e.line()}")
+    if dry_run:
+        typer.echo("dry run: nothing sent")
 
 
 def _quiet_model_loading() -> None:
@@ -125,12 +176,15 @@ def _quiet_model_loading() -> None:
 @app.command()
 def status(config: ConfigOpt = Path(DEFAULT_CONFIG_FILE), cache: CacheOpt = None, dataset: DatasetOpt = None,
            set_: Annotated[Optional[list[str]], typer.Option("--set", help="As for `run`.")] = None,
+           llm: Annotated[Optional[str], typer.Option(help="As for `run`: the CATE version of this rewriter.")] = None,
+           captioner: Annotated[Optional[str], typer.Option(help="As for `run`.")] = None,
+           base_url: Annotated[Optional[str], typer.Option(help="As for `run`.")] = None,
            as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
            errors: Annotated[int, typer.Option(help="Failed samples to list per stage (all with --json).")] = 10) -> None:
     """Done, failed, blocked and pending samples per dataset and stage, store sizes, and the failures."""
     from affectprep.pipeline.dag import describe
 
-    project = load_project(config, set_ or [], cache)
+    project = load_project(config, _text_overrides(set_, llm, captioner, base_url), cache)
     info = describe(project, dataset)
     if as_json:
         typer.echo(json.dumps(info, indent=2))
@@ -208,12 +262,42 @@ def text_list(config: ConfigOpt = Path(DEFAULT_CONFIG_FILE), cache: CacheOpt = N
         typer.echo(json.dumps(versions, indent=2))
         return
     typer.echo(f"{'dataset':12} {'stage':8} {'version':16} {'fold':>4} {'backend':34} {'ok':>6} {'failed':>6} "
-               f"{'tokens in/out':>17} {'cost USD':>9}  current")
+               f"{'tokens in/out':>17} {'cost USD':>9}  {'built on':16}  current")
     for v in versions:
         fold = "" if v["test_fold"] is None else v["test_fold"]
         typer.echo(f"{v['dataset']:12} {v['stage']:8} {v['version']:16} {fold:>4} {v['backend'][:34]:34} {v['ok']:>6} "
                    f"{v['failed']:>6} {v['prompt_tokens']:>8}/{v['completion_tokens']:<8} {v['cost_usd']:>9.4f}  "
-                   f"{'*' if v['current'] else ''}")
+                   f"{v['built_on'] or '':16}  {'*' if v['current'] else ''}")
+    if any(v["built_on"] for v in versions):
+        typer.echo("(built on: the captions version a CATE version rewrote)")
+
+
+@text_app.command("show")
+def text_show(sample: Annotated[str, typer.Argument(help="A sample id (as `affectprep status` lists them).")],
+              dataset: DatasetOpt = None, config: ConfigOpt = Path(DEFAULT_CONFIG_FILE), cache: CacheOpt = None,
+              as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False) -> None:
+    """Every stored version's caption and CATE text for one sample, with each version's backend, model, prompt
+    and when it was made."""
+    import textwrap
+
+    from affectprep.pipeline.text_versions import sample_texts
+
+    found = sample_texts(load_project(config, [], cache), sample, dataset)
+    if as_json:
+        typer.echo(json.dumps(found, indent=2))
+        return
+    for entry in found:
+        typer.echo(f"sample {entry['sample_id']} of {entry['dataset']}, label {entry['label'] or '-'}")
+        if not entry["versions"]:
+            typer.echo("  no text version holds it yet (run `affectprep run`)")
+        for v in entry["versions"]:
+            extra = [f"fold {v['test_fold']}"] if v["test_fold"] is not None else []
+            extra += [f"built on captions {v['built_on']}"] if v["built_on"] else []
+            extra += ["current"] if v["current"] else []
+            typer.echo(f"\n  {v['stage']} {v['version']}  {v['backend']}  prompt {v['prompt'] or '-'}  "
+                       f"made {v['made'] or '?'}" + "".join(f"  {e}" for e in extra))
+            body = v["text"] if v["status"] == "ok" else f"(failed) {v['error']}"
+            typer.echo(textwrap.fill(body or "", width=110, initial_indent="    ", subsequent_indent="    "))
 
 
 @text_app.command("export-batch")
@@ -224,12 +308,22 @@ def text_export_batch(stage: Annotated[str, typer.Argument(help="captions or cat
                           help="The test fold whose version to use (a dataset with official folds has one CATE "
                                "version per fold).")] = None,
                       config: ConfigOpt = Path(DEFAULT_CONFIG_FILE), cache: CacheOpt = None,
-                      set_: Annotated[Optional[list[str]], typer.Option("--set", help="As for `run`.")] = None) -> None:
+                      set_: Annotated[Optional[list[str]], typer.Option("--set", help="As for `run`.")] = None,
+                      dry_run: Annotated[bool, typer.Option(
+                          help="Print the number of requests, tokens and cost, and write nothing.")] = False) -> None:
     """Write the pending requests of a text stage as OpenAI Batch API JSONL (also read by `vllm run-batch`)."""
-    from affectprep.pipeline.batch_api import export_requests
+    from affectprep.pipeline.batch_api import export_requests, pending_requests
+    from affectprep.pipeline.llm_estimate import estimate_rows
 
-    count = export_requests(load_project(config, set_ or [], cache), dataset, stage, out, fold)
-    typer.echo(f"wrote {count} request(s) to {out}; custom_id is the sample id")
+    project = load_project(config, set_ or [], cache)
+    plan, rows = pending_requests(project, dataset, stage, fold)
+    typer.echo(f"requests to export (estimate): {estimate_rows(dataset, plan, rows).line()}")
+    if dry_run:
+        typer.echo("dry run: nothing written")
+        return
+    count = export_requests(project, dataset, stage, out, fold)
+    typer.echo(f"wrote {count} request(s) to {out}; custom_id is SAMPLE@VERSION (the sample id and the text "
+               f"version's first 12 characters)")
 
 
 @text_app.command("import-batch")
@@ -244,9 +338,21 @@ def text_import_batch(stage: Annotated[str, typer.Argument(help="captions or cat
     """Store a Batch API results file as the stage's rows, for the same config it was exported with."""
     from affectprep.pipeline.batch_api import import_results
 
-    ok, failed = import_results(load_project(config, set_ or [], cache), dataset, stage, results, fold)
-    typer.echo(f"stored {ok} answer(s), {failed} failed (refused, empty, truncated or errored)")
-    if failed:
+    summary = import_results(load_project(config, set_ or [], cache), dataset, stage, results, fold)
+    typer.echo(f"stored {summary.ok} answer(s), {summary.failed} failed (refused, empty, truncated, too long or "
+               f"errored)")
+    if summary.skipped_lines:
+        typer.echo(f"skipped {len(summary.skipped_lines)} line(s) that are not batch results:")
+        for line in summary.skipped_lines[:10]:
+            typer.echo(f"      {line}")
+        if len(summary.skipped_lines) > 10:
+            typer.echo(f"      ... and {len(summary.skipped_lines) - 10} more")
+    if summary.already_done:
+        typer.echo(f"left {summary.already_done} answer(s) for samples this version already holds as they are")
+    if summary.inputs_changed:
+        typer.echo(f"left out {summary.inputs_changed} answer(s) to requests whose inputs were redone since the "
+                   f"export (export those samples again)")
+    if summary.failed or summary.skipped_lines:
         raise typer.Exit(EXIT_FAILED_SAMPLES)
 
 
@@ -431,7 +537,8 @@ def _echo_failures(failures: list[dict], limit: int) -> None:
         typer.echo(f"      ... and {len(failures) - limit} more (use --errors N or --json)")
 
 
-def _run_and_exit(project: ProjectConfig, stage: str | None, datasets: list[str] | None, **options) -> None:
+def _run_and_exit(project: ProjectConfig, stage: str | None, datasets: list[str] | None,
+                  status_hint: str = "affectprep status", **options) -> None:
     from affectprep.pipeline.dag import run_pipeline
 
     try:
@@ -455,7 +562,7 @@ def _run_and_exit(project: ProjectConfig, stage: str | None, datasets: list[str]
     for part, reason in QUARANTINED:
         typer.echo(f"corrupt part moved aside, its samples were redone: {part} ({reason})")
     if report.failed:
-        typer.echo(f"\n{report.failed} sample(s) failed; `affectprep status` lists them with their errors.")
+        typer.echo(f"\n{report.failed} sample(s) failed; `{status_hint}` lists them with their errors.")
         raise typer.Exit(EXIT_FAILED_SAMPLES)
     typer.echo("\nall samples done.")
 

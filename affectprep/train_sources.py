@@ -15,9 +15,8 @@ from affectprep.labels import label_set as label_set_by_name
 from affectprep.models.runs import Sources
 from affectprep.pipeline.dag import index_store, plan_stages
 from affectprep.pipeline.stage import cache_key
-from affectprep.pipeline.stages import TEXT_STAGES
 from affectprep.pipeline.stages.emotions import checkpoint_saw
-from affectprep.store import Store, list_keys
+from affectprep.store import Store
 
 
 def resolve_sources(project: ProjectConfig, dataset: str, *, features: bool = False, text_version: str | None = None,
@@ -84,10 +83,8 @@ def resolve_sources(project: ProjectConfig, dataset: str, *, features: bool = Fa
 
 
 def _text_store(project: ProjectConfig, dataset: str, version: str) -> Store:
-    for stage in TEXT_STAGES:   # a version key names one store of one of them
-        if version in list_keys(project.cache, dataset, stage):
-            return Store(project.cache, dataset, stage, version)
-    raise ConfigError(f"no text version '{version}' for dataset '{dataset}': see `affectprep text list`")
+    from affectprep.pipeline.text_versions import resolve_version   # its whole key or a unique prefix
+    return resolve_version(project, dataset, version)
 
 
 def text_leaks(project: ProjectConfig, index: Store, texts: Store) -> dict[int | None, str]:

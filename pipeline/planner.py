@@ -118,7 +118,7 @@ def plan_stages(project: ProjectConfig, index: Store, target: str | None, config
                 identity = stage.identity()
             except (ValueError, ImportError, OSError) as e:
                 raise ConfigError(f"stages.{cls.name}: {e}") from None
-            config = {"stage": cls.name, "version": cls.version, "config": config_dict(stage.config),
+            config = {"stage": cls.name, "version": cls.version, "config": stage.keyed_config(),
                       "identity": identity, "inputs": {up: plan.key for up, plan in upstream.items()}}
             if cls.needs_label:   # the label ints mean what the label set says
                 config["labels"] = {"label_set": label_set, "names": label_names}

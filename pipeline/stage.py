@@ -40,6 +40,9 @@ class Stage:
     # which samples are the test set: the emotions baseline must not learn fold k's test labels for fold k).
     # Stages reading such a store get one per fold too. `context["test_fold"]` says which.
     per_test_fold: bool = False
+    # Config fields that change how the work is done, not what it gives (requests in flight, timeouts, retries,
+    # price tables): left out of the store key, so changing one keeps the version.
+    operational: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, config: Any):
         self.config = config
@@ -49,6 +52,10 @@ class Stage:
     @classmethod
     def schema(cls) -> pa.Schema:
         return S.schema_for(cls.name)
+
+    def keyed_config(self) -> dict[str, Any]:
+        """The config values that go into the store key: all but the operational ones."""
+        return {k: v for k, v in config_dict(self.config).items() if k not in self.operational}
 
     def identity(self) -> dict[str, Any]:
         """What else determines the output: backend model name and weights hash, prompt file hashes."""

@@ -39,6 +39,9 @@ FAULTS = (
     "empty",           # whitespace content
     "length",          # finish_reason "length" with a cut answer
     "content_filter",  # finish_reason "content_filter", no content
+    "long",            # finish_reason "stop" with far more words than max_tokens (usage counts them)
+    "long_word",       # finish_reason "stop", one 1 MB word: one token by this server's count, too many characters
+    "unauthorized",    # 401 whose message echoes the Authorization header in full, as some servers do
 )
 
 
@@ -173,6 +176,9 @@ class OpenAITestServer:
             return _error(503, "The engine is currently overloaded, please try again later", headers)
         if fault == "bad_request":
             return _error(400, "Invalid value for 'messages'")
+        if fault == "unauthorized":
+            return _error(401, f"Incorrect API key provided: {(authorization or '').removeprefix('Bearer ')}; "
+                               f"the request had Authorization: {authorization}")
         if fault == "malformed":
             return 200, {"Content-Type": "application/json"}, b'{"id": "chatcmpl-broken", "choices": [{"mess'
         return 200, {"Content-Type": "application/json"}, json.dumps(_completion(body, prompt, image_sizes,
@@ -231,7 +237,11 @@ def _completion(body: dict, prompt: str, image_sizes: list[tuple[int, int]], fau
     limit = body.get("max_completion_tokens") or body.get("max_tokens")
     words = answer.split()
     finish = "stop"
-    if (isinstance(limit, int) and len(words) > limit) or fault == "length":
+    if fault == "long":
+        words = words * 20_000
+    elif fault == "long_word":
+        words = ["x" * 1_000_000]
+    elif (isinstance(limit, int) and len(words) > limit) or fault == "length":
         words = words[:min(limit, len(words) - 1) if isinstance(limit, int) else len(words) - 1]
         finish = "length"
     content: str | None = " ".join(words)

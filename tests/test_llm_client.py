@@ -166,6 +166,36 @@ def test_bad_answers_fail_alone_with_readable_messages(server):
     assert client.stats.completion_tokens > sum(r.completion_tokens for r in (results[0], results[-1]))
 
 
+def test_answers_longer_than_the_request_allows_fail(server, tmp_path):
+    """By the tokens the server counted, and by characters where the count cannot be trusted (one 1 MB "token")."""
+    server.fail_matching("<long>", "long")
+    server.fail_matching("<long_word>", "long_word")
+    with make_client(server, cache_dir=tmp_path / "cache") as client:
+        good, long, long_word = client.complete_many([ask("fine", max_tokens=64), ask("clip <long>", max_tokens=64),
+                                                      ask("clip <long_word>", max_tokens=64)])
+    assert isinstance(good, ChatResult)
+    assert str(long).startswith("answer longer than the request allows (") and "max_tokens 64" in str(long)
+    assert str(long_word).startswith("answer longer than the request allows (1000000 characters for max_tokens 64")
+    # an oversized answer a cache holds (written before answers were bounded) is asked again, not served
+    key = ask("fine", max_tokens=64).key(client.base_url)
+    record = json.loads((tmp_path / "cache" / key[:2] / f"{key}.json").read_text())
+    (tmp_path / "cache" / key[:2] / f"{key}.json").write_text(json.dumps({**record, "text": "y" * 10_000}))
+    sent = server.request_count
+    with make_client(server, cache_dir=tmp_path / "cache") as client:
+        again = client.complete_many([ask("fine", max_tokens=64)])[0]
+    assert server.request_count == sent + 1 and not again.cached and again.text == good.text
+
+
+def test_error_bodies_never_carry_the_api_key(server, monkeypatch):
+    monkeypatch.setenv("AFFECTPREP_TEST_LLM_KEY", "sk-proj-secret-abcdef123456")
+    server.fail_next(1, "unauthorized")
+    with make_client(server, api_key_env="AFFECTPREP_TEST_LLM_KEY") as client:
+        failure = client.complete_many([ask("a")])[0]
+    assert isinstance(failure, LLMFailure) and str(failure).startswith("HTTP 401 unauthorised: Incorrect API key")
+    assert "abcdef123456" not in str(failure) and "[redacted]" in str(failure)
+    assert server.authorizations[0] == "Bearer sk-proj-secret-abcdef123456"   # it was sent, only not stored
+
+
 def test_a_request_too_short_for_max_tokens_is_truncated(server):
     with make_client(server) as client:
         [failure] = client.complete_many([ask("hello", max_tokens=2)])
@@ -304,7 +334,9 @@ def test_batch_results_import_with_the_same_checks(tmp_path):
     ]
     path = tmp_path / "results.jsonl"
     path.write_text("".join(json.dumps(line) + "\n" for line in reversed(lines)) + "\n")
-    results = import_batch_jsonl(path)
+    read = import_batch_jsonl(path)
+    assert read.skipped == [] and read.duplicates == []
+    results = read.answers
     good = results["good"]
     assert isinstance(good, ChatResult) and good.text.startswith("The brows are raised")
     assert (good.prompt_tokens, good.completion_tokens) == (1000, 200)
@@ -322,6 +354,10 @@ def test_batch_results_import_with_the_same_checks(tmp_path):
         "vllm-error": "batch request failed: Model 'foo' not found",
         "http-500": "HTTP 500: The server had an error",
     }
-    path.write_text(json.dumps(lines[0]) + "\n{not json\n")
-    with pytest.raises(ValueError, match=r"results.jsonl:2: not a JSON line"):
-        import_batch_jsonl(path)
+    # a line that is not a result is skipped and named; the others are still read
+    path.write_text(json.dumps(lines[0]) + "\n{not json\n" + json.dumps({"no": "id"}) + "\n"
+                    + json.dumps(lines[-1]) + "\n" + json.dumps(lines[0]) + "\n")
+    read = import_batch_jsonl(path)
+    assert set(read.answers) == {"good", "local"} and read.duplicates == ["good"]
+    assert len(read.skipped) == 2 and read.skipped[0].startswith(f"{path}:2: not a JSON line")
+    assert read.skipped[1] == f"{path}:3: not a batch result (no custom_id)"

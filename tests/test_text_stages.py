@@ -245,8 +245,10 @@ def test_batch_api_round_trip(project, tmp_path):
     assert out.returncode == 3 and "stored 20 answer(s), 1 failed" in out.stdout, out.stderr
     cate = stores(load_project(project.path, batch))["cate"]
     rows = {r["sample_id"]: r for r in cate.read().to_pylist()}
-    assert rows[lines[0]["custom_id"]]["status"] == "failed" and "refused" in rows[lines[0]["custom_id"]]["error"]
-    ok = rows[lines[1]["custom_id"]]
+    sample = [line["custom_id"].rpartition("@")[0] for line in lines]   # custom_id = SAMPLE@VERSION
+    assert {line["custom_id"].rpartition("@")[2] for line in lines} == {cate.key[:12]}
+    assert rows[sample[0]]["status"] == "failed" and "refused" in rows[sample[0]]["error"]
+    ok = rows[sample[1]]
     assert ok["text"] == "rewritten 1" and ok["cost_usd"] == pytest.approx((100 * 0.15 + 10 * 0.6) / 1e6 * 0.5)
 
 

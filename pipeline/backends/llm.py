@@ -143,6 +143,37 @@ _REFUSAL = re.compile(
     re.IGNORECASE)
 _REFUSAL_MAX_CHARS = 300
 
+# An answer may not be longer than its request allows: by the tokens the server counted, nor by characters (a
+# server that miscounts, or a cache file from elsewhere). 32 characters a token is generous: English text averages
+# about 4, and a whole answer of the longest tokens stays under it.
+MAX_CHARS_PER_TOKEN = 32
+
+
+def over_bound(text: str, completion_tokens: int, max_tokens: int | None) -> str | None:
+    """Why an answer is longer than a request for `max_tokens` allows, or None."""
+    if not max_tokens or max_tokens <= 0:
+        return None
+    if completion_tokens > max_tokens:
+        return f"answer longer than the request allows ({completion_tokens} tokens, max_tokens {max_tokens})"
+    if len(text) > MAX_CHARS_PER_TOKEN * max_tokens:
+        return (f"answer longer than the request allows ({len(text)} characters for max_tokens {max_tokens}, at "
+                f"most {MAX_CHARS_PER_TOKEN * max_tokens})")
+    return None
+
+
+# What looks like an API key in a server's error message: OpenAI-style secret keys, bearer tokens, key=... pairs.
+_SECRET = re.compile(r"\bsk-[A-Za-z0-9_\-]{6,}|(?<=Bearer )[A-Za-z0-9._~+/\-]{6,}=*"
+                     r"|(?<=api[_-]key[=: ])['\"]?[A-Za-z0-9._\-]{6,}", re.IGNORECASE)
+REDACTED = "[redacted]"
+
+
+def redact(text: str, *secrets: str | None) -> str:
+    """`text` with the given secrets (the API key in use) and anything that looks like a key replaced."""
+    for secret in secrets:
+        if secret and len(secret) >= 4:
+            text = text.replace(secret, REDACTED)
+    return _SECRET.sub(REDACTED, text)
+
 
 def is_refusal(text: str) -> bool:
     text = text.strip().replace("\u2019", "'")
@@ -186,8 +217,8 @@ class Completion:
             raise LLMFailure(f"malformed response: not JSON ({e}): {text[:80]!r}") from None
         return cls.from_body(body)
 
-    def problem(self) -> str | None:
-        """Why this answer is unusable, or None when it is a real answer."""
+    def problem(self, max_tokens: int | None = None) -> str | None:
+        """Why this answer is unusable (for a request of `max_tokens`), or None when it is a real answer."""
         if self.refusal.strip():
             return f"refused: {self.refusal.strip()}"
         if self.finish_reason == "content_filter":
@@ -196,6 +227,9 @@ class Completion:
             return "truncated answer (finish_reason=length)"
         if not self.text.strip():
             return "empty answer"
+        too_long = over_bound(self.text.strip(), self.completion_tokens, max_tokens)
+        if too_long:
+            return too_long
         if is_refusal(self.text):
             return f"refused: {self.text.strip()}"
         return None
@@ -307,7 +341,7 @@ class ChatClient:
             slots.setdefault(key, []).append(i)
             unique.setdefault(key, request)
 
-        answers = self._cached(list(unique))
+        answers = self._cached(unique)
         self._add(cache_hits=sum(len(slots[key]) for key in answers))
         missing = {key: request for key, request in unique.items() if key not in answers}
         if missing:
@@ -317,12 +351,14 @@ class ChatClient:
                 results[i] = answer
         return results
 
-    def _cached(self, keys: list[str]) -> dict[str, ChatResult | LLMFailure]:
+    def _cached(self, requests: dict[str, ChatRequest]) -> dict[str, ChatResult | LLMFailure]:
         if self.cache is None:
             return {}
         found = {}
-        for key, record in self.cache.get_many(keys).items():
+        for key, record in self.cache.get_many(list(requests)).items():
             try:
+                if over_bound(str(record["text"]), int(record["completion_tokens"]), requests[key].max_tokens):
+                    continue   # written before answers were bounded: ask again, and judge the new answer
                 found[key] = ChatResult(str(record["text"]), str(record["finish_reason"]),
                                         int(record["prompt_tokens"]), int(record["completion_tokens"]), True,
                                         float(record["cost_usd"]), str(record.get("model", "")))
@@ -352,10 +388,10 @@ class ChatClient:
     async def _complete(self, key: str, request: ChatRequest) -> ChatResult | LLMFailure:
         try:
             result = await self._send(request)
-        except LLMFailure as e:
-            return e
+        except LLMFailure as e:   # its message is stored with the sample: never with the key in it
+            return LLMFailure(redact(str(e), os.environ.get(self.api_key_env)))
         except Exception as e:  # noqa: BLE001 - one odd reply must never take the other requests down
-            return LLMFailure(f"{type(e).__name__}: {e}")
+            return LLMFailure(redact(f"{type(e).__name__}: {e}", os.environ.get(self.api_key_env)))
         if self.cache is not None:
             record = {**dataclasses.asdict(result), "request_model": request.model, "endpoint": self.base_url,
                       "created": time.time()}
@@ -417,7 +453,7 @@ class ChatClient:
                   cost_usd=cost)
         if price is None:
             self._note_unpriced(request.model)
-        problem = completion.problem()
+        problem = completion.problem(request.max_tokens)
         if problem:
             raise LLMFailure(problem)
         return completion.result(cost)

@@ -14,10 +14,11 @@ import json
 import os
 import tempfile
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .llm import DEFAULT_PRICES, ChatRequest, ChatResult, Completion, LLMFailure, cost_usd, price_for
+from .llm import DEFAULT_PRICES, ChatRequest, ChatResult, Completion, LLMFailure, cost_usd, price_for, redact
 
 CHAT_COMPLETIONS_URL = "/v1/chat/completions"
 BATCH_PRICE_FACTOR = 0.5  # OpenAI bills Batch API tokens at half the live price
@@ -47,28 +48,43 @@ def export_batch_jsonl(requests: Sequence[tuple[str, ChatRequest]], path: Path) 
         raise
 
 
+@dataclass
+class BatchResults:
+    """A results file, read: the answer per custom_id, the lines that are not results at all (skipped, each
+    "FILE:LINE: why"), and the custom_ids that appear on more than one line."""
+    answers: dict[str, ChatResult | LLMFailure] = field(default_factory=dict)
+    skipped: list[str] = field(default_factory=list)
+    duplicates: list[str] = field(default_factory=list)
+
+
 def import_batch_jsonl(path: Path, *, prices: dict[str, tuple[float, float]] | None = None,
-                       ) -> dict[str, ChatResult | LLMFailure]:
-    """Read a Batch API results file into {custom_id: ChatResult or LLMFailure}. Cost uses `prices` (extending
-    DEFAULT_PRICES) at the Batch API rate. A line that is not a result at all raises ValueError naming the line;
-    requests missing from the file are simply absent from the dict."""
+                       max_tokens: int | None = None) -> BatchResults:
+    """Read a Batch API results file. Cost uses `prices` (extending DEFAULT_PRICES) at the Batch API rate; an
+    answer longer than `max_tokens` allows fails as in a live run. A line that is not a result (not JSON, no
+    custom_id) is skipped and named, never the end of the import; requests missing from the file are absent."""
     prices = {**DEFAULT_PRICES, **(prices or {})}
-    results: dict[str, ChatResult | LLMFailure] = {}
-    with open(path, encoding="utf-8") as f:
+    out = BatchResults()
+    with open(path, encoding="utf-8", errors="replace") as f:
         for number, line in enumerate(f, start=1):
             if not line.strip():
                 continue
             try:
                 record = json.loads(line)
             except ValueError as e:
-                raise ValueError(f"{path}:{number}: not a JSON line ({e})") from None
+                out.skipped.append(f"{path}:{number}: not a JSON line ({e})")
+                continue
             if not isinstance(record, dict) or not isinstance(record.get("custom_id"), str):
-                raise ValueError(f"{path}:{number}: not a batch result (no custom_id)")
-            results[record["custom_id"]] = _result(record, prices)
-    return results
+                out.skipped.append(f"{path}:{number}: not a batch result (no custom_id)")
+                continue
+            custom_id = record["custom_id"]
+            if custom_id in out.answers and custom_id not in out.duplicates:
+                out.duplicates.append(custom_id)
+            out.answers[custom_id] = _result(record, prices, max_tokens)
+    return out
 
 
-def _result(record: dict[str, Any], prices: dict[str, tuple[float, float]]) -> ChatResult | LLMFailure:
+def _result(record: dict[str, Any], prices: dict[str, tuple[float, float]], max_tokens: int | None
+            ) -> ChatResult | LLMFailure:
     response = record.get("response") if isinstance(record.get("response"), dict) else {}
     body = response.get("body")
     if record.get("error"):
@@ -81,7 +97,7 @@ def _result(record: dict[str, Any], prices: dict[str, tuple[float, float]]) -> C
         completion = Completion.from_body(body)
     except LLMFailure as e:
         return e
-    problem = completion.problem()
+    problem = completion.problem(max_tokens)
     if problem:
         return LLMFailure(problem)
     price = price_for(completion.model, prices)
@@ -96,4 +112,4 @@ def _message(error: Any) -> str:
         text = f"{code}: {message}" if code and message else str(message or code or error)
     else:
         text = str(error)
-    return " ".join(text.split())[:300]
+    return redact(" ".join(text.split())[:300], os.environ.get("OPENAI_API_KEY"))

@@ -9,8 +9,8 @@ import numpy as np
 
 from ..backends.llm import ChatRequest, user_message
 from ..stage import Stage, failed_row
-from .text_backends import (chat_client, decode_crops, evenly, offline_row, parse_backend, prompt_file,
-                            prompt_identity, text_row)
+from .text_backends import (OPERATIONAL, chat_client, decode_crops, evenly, keyed_text_config, offline_row,
+                            parse_backend, prompt_file, prompt_identity, text_row)
 
 BACKENDS = ("motion", "openai", "hf", "vllm")
 
@@ -34,6 +34,7 @@ class CaptionsStage(Stage):
     name = "captions"
     version = 1
     Config = CaptionsConfig
+    operational = OPERATIONAL
     reads = {"faces": ("crops", "landmarks", "frames_per_view")}
     media_kinds = frozenset({"video", "frames", "image"})
     batch_size = 32   # one task sends this many requests at once, so a worker keeps its connections busy
@@ -41,6 +42,9 @@ class CaptionsStage(Stage):
     def __init__(self, config: CaptionsConfig):
         super().__init__(config)
         self.kind, self.model = parse_backend(config.captioner, BACKENDS, "captions.captioner")
+
+    def keyed_config(self) -> dict[str, Any]:
+        return keyed_text_config(super().keyed_config(), self.kind)
 
     def identity(self) -> dict[str, Any]:
         ident: dict[str, Any] = {"captioner": self.config.captioner}

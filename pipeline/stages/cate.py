@@ -16,7 +16,8 @@ from typing import Any
 from .. import facs
 from ..backends.llm import ChatRequest, user_message
 from ..stage import Stage, failed_row, file_digest
-from .text_backends import (chat_client, offline_row, parse_backend, prompt_file, prompt_identity, text_row)
+from .text_backends import (OPERATIONAL, chat_client, keyed_text_config, offline_row, parse_backend, prompt_file,
+                            prompt_identity, text_row)
 
 BACKENDS = ("openai", "t5", "template")
 IN_FOLD = ("refused: the top-k emotions of this sample come from a model that trained on its label (in-fold), "
@@ -46,6 +47,7 @@ class CateStage(Stage):
     name = "cate"
     version = 1
     Config = CateConfig
+    operational = OPERATIONAL
     reads = {"captions": ("caption",), "emotions": ("top_names", "top_probs", "in_fold")}
     media_kinds = frozenset({"video", "frames", "image"})
     needs_label = True
@@ -54,6 +56,9 @@ class CateStage(Stage):
     def __init__(self, config: CateConfig):
         super().__init__(config)
         self.kind, self.model = parse_backend(config.llm, BACKENDS, "cate.llm")
+
+    def keyed_config(self) -> dict[str, Any]:
+        return keyed_text_config(super().keyed_config(), self.kind)
 
     def identity(self) -> dict[str, Any]:
         # The descriptor phrases come from the FACS tables, so their files are part of the key.

@@ -10,7 +10,7 @@ import numpy as np
 
 from ..backends.llm import OPENAI_BASE_URL, ChatClient, ChatResult, LLMFailure
 from ..facs import DEFAULT as PROMPTS_DIR
-from ..stage import file_digest, failed_row
+from ..stage import failed_row, file_digest
 
 
 def parse_backend(spec: str, known: tuple[str, ...], where: str) -> tuple[str, str]:
@@ -27,6 +27,26 @@ def parse_backend(spec: str, known: tuple[str, ...], where: str) -> tuple[str, s
 _NEEDS_MODEL = ("openai", "hf", "vllm", "t5")
 _EXAMPLES = {"openai": "gpt-4o-mini", "hf": "LanguageBind/Video-LLaVA-7B-hf", "vllm": "llava-hf/LLaVA-NeXT-Video-7B-hf",
              "t5": "google/flan-t5-base"}
+
+
+# How requests are sent and priced, not what they ask: never part of a text version's key. (Cost is counted from
+# the prices when an answer arrives, so a changed price table prices the next answers, not a new version.)
+OPERATIONAL = ("concurrency", "timeout", "max_retries", "prices")
+
+
+def keyed_text_config(config: dict[str, Any], kind: str) -> dict[str, Any]:
+    """A text stage's config as its key sees it, without what its backend never reads: the endpoint only where
+    an OpenAI-compatible server answers (it names the model that answers), the device only where a local model
+    runs on it, no temperature for the local models (they decode greedily), no prompt or generation parameters for
+    the motion captioner and the template."""
+    unused = set() if kind == "openai" else {"base_url"}
+    if kind not in ("hf", "vllm", "t5"):
+        unused.add("device")
+    else:
+        unused.add("temperature")
+    if kind in ("motion", "template"):
+        unused |= {"prompt", "max_tokens", "temperature", "num_frames"}
+    return {k: v for k, v in config.items() if k not in unused}
 
 
 def prompt_file(name: str) -> Path:
@@ -54,11 +74,15 @@ def chat_client(config: Any, context: dict[str, Any]) -> ChatClient:
 
 def text_row(sample_id: str, answer: ChatResult | LLMFailure, field: str, backend: str, model: str,
              **extra: Any) -> dict[str, Any]:
+    """The row of one answer. Tokens and cost count what this run sent: an answer the response cache served
+    cost nothing now (its first run paid for it), so a version filled from the cache costs 0."""
     if isinstance(answer, LLMFailure):
         return failed_row(sample_id, str(answer))
+    sent = not answer.cached
     return {"sample_id": sample_id, "status": "ok", "error": None, field: answer.text.strip(), "backend": backend,
-            "model": model, "prompt_tokens": answer.prompt_tokens, "completion_tokens": answer.completion_tokens,
-            "cost_usd": answer.cost_usd, **extra}
+            "model": model, "prompt_tokens": answer.prompt_tokens if sent else 0,
+            "completion_tokens": answer.completion_tokens if sent else 0,
+            "cost_usd": answer.cost_usd if sent else 0.0, **extra}
 
 
 def offline_row(sample_id: str, field: str, text: str, backend: str, model: str, **extra: Any) -> dict[str, Any]:
