@@ -264,6 +264,9 @@ def train(model: Annotated[Optional[str], typer.Argument(help="A registered mode
           fold: Annotated[Optional[str], typer.Option(
               help="Test on this official fold, or 'all': one run per fold and their mean (default: fixed "
                    "split).")] = None,
+          au_fold: Annotated[Optional[int], typer.Option(
+              min=1, help="Test the AU dataset on this fold of its own (SSM pairs an expression fold with an AU "
+                          "fold; default: --fold).")] = None,
           text_version: Annotated[Optional[str], typer.Option(
               help="Train on this text version (see `affectprep text list`); default: the current CATE texts.")] = None,
           source: Annotated[Optional[str], typer.Option("--from", help="frames (end to end) or features (cached "
@@ -285,7 +288,8 @@ def train(model: Annotated[Optional[str], typer.Argument(help="A registered mode
     if resume is not None:
         given = [flag for flag, value in (("MODEL", model), ("--set", set_), ("--dataset", dataset),
                                           ("--au-dataset", au_dataset), ("--target-dataset", target_dataset),
-                                          ("--fold", fold), ("--text-version", text_version), ("--from", source))
+                                          ("--fold", fold), ("--au-fold", au_fold), ("--text-version", text_version),
+                                          ("--from", source))
                  if value]
         if given:
             raise ConfigError(f"--resume continues a run as it was configured; drop {', '.join(given)}")
@@ -306,6 +310,8 @@ def train(model: Annotated[Optional[str], typer.Argument(help="A registered mode
         every_fold = fold == "all"
         if fold is not None and not every_fold:
             raw["fold"] = _fold_number(fold)
+        if au_fold is not None:
+            raw["au_fold"] = au_fold
         raw.update(model_name=model, **({"source": source} if source is not None else {}))
         raw["tiny"] = tiny or raw.get("tiny", False)
         train_config = TrainConfig.from_dict(raw)
@@ -316,6 +322,10 @@ def train(model: Annotated[Optional[str], typer.Argument(help="A registered mode
             folds = folds_of(next(iter(sources.values())))
             if not folds:
                 raise ConfigError("--fold all: this dataset has no official folds (it has a fixed split)")
+            if "au" in sources and "expression" in sources and train_config.au_fold is None \
+                    and not set(folds) <= set(folds_of(sources["au"])):
+                raise ConfigError(f"--fold all: the AU dataset has folds {folds_of(sources['au'])}, the expression "
+                                  f"dataset {folds}: fix the AU dataset's fold with --au-fold J")
             summary = train_folds(train_config, sources, folds, runs, echo=typer.echo)
             if PartialState().is_main_process:
                 typer.echo(f"summary: {summary}")

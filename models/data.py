@@ -65,6 +65,10 @@ def select_samples(index: Store, split: Split, part: str, task: str = "expressio
                 else (lambda r: r["label"] is not None and r["label"] >= 0))
     rows = [r for r in index.read(status=S.STATUS_OK).to_pylist() if labelled(r)]
     if split.fold is None:
+        folds = sorted({r["fold"] for r in rows if r["fold"]})
+        if folds and not any(r["split"] for r in rows):
+            raise ValueError(f"{index} has official folds ({', '.join(map(str, folds))}) and no fixed split: "
+                             f"choose a fold")
         chosen = [r for r in rows if r["split"] == part]
     else:
         if part == "val":

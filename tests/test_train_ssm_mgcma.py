@@ -18,16 +18,16 @@ import cv2
 import pyarrow.parquet as pq
 import pytest
 
-from affectprep.config import DatasetConfig, ProjectConfig, write_project
+from affectprep.config import ConfigError, DatasetConfig, ProjectConfig, write_project
 from affectprep.labels import BP4D_AUS
 from affectprep.models.evaluate import evaluate_run
 from affectprep.models.explain import explain_sample
 from affectprep.models.registry import model_ablations
-from affectprep.models.runs import RunFolder, TrainConfig
+from affectprep.models.runs import RunFolder, Sources, TrainConfig
 from affectprep.models.train import train
 from affectprep.pipeline.dag import run_pipeline
 from affectprep.pipeline.datasets.bp4d import FOLDS
-from affectprep.pipeline.demo import EXPRESSIONS, make_demo_dataset, render_frames
+from affectprep.pipeline.demo import DFEW_LABELS, EXPRESSIONS, make_demo_dataset, render_frames
 from affectprep.train_sources import resolve_sources
 
 STAGES = {"faces": {"backend": "haar"}, "captions": {"captioner": "motion"}, "cate": {"llm": "template"}}
@@ -87,6 +87,36 @@ def ssm_project(tmp_path_factory) -> ProjectConfig:
     for stage in ("faces", "facs"):
         assert run_pipeline(project, stage, ["bp4d"], scheduler="inline", progress=False).failed == 0
     return project
+
+
+def make_rendered_ferv39k(root: Path, per_class: tuple[int, int] = (2, 1)) -> Path:
+    """FERV39k's layout (one fixed split): `per_class` (train, test) clips of each demo expression, as frame
+    folders of the demo's face rendered with that expression."""
+    setups = root / "4_setups" / "All_scenes"
+    setups.mkdir(parents=True)
+    lines = {"train": [], "test": []}
+    for c, label in enumerate(DFEW_LABELS):
+        for n in range(sum(per_class)):
+            split = "train" if n < per_class[0] else "test"
+            clip = f"Scene/{label.capitalize()}/{c * 10 + n:04d}"
+            folder = root / "2_ClipsforFaceCrop" / clip
+            folder.mkdir(parents=True)
+            for i, frame in enumerate(render_frames(label, seed=1000 + 10 * c + n, num_frames=8)):
+                assert cv2.imwrite(str(folder / f"{i + 1:04d}.jpg"), cv2.cvtColor(frame, cv2.COLOR_RGB2BGR))
+            lines[split].append(f"{clip} {label.capitalize()}\n")
+    for split, text in lines.items():
+        (setups / f"{split}_All.csv").write_text("".join(text))
+    return root
+
+
+@pytest.fixture(scope="module")
+def ferv39k_sources(ssm_project) -> Sources:
+    """A FERV39k-layout dataset (fixed split) in the SSM project's cache, with faces and FACS."""
+    root = make_rendered_ferv39k(ssm_project.cache.parent / "FERV39k")
+    project = dataclasses.replace(ssm_project, datasets={"ferv39k": DatasetConfig("ferv39k", "ferv39k", root)})
+    for stage in ("faces", "facs"):
+        assert run_pipeline(project, stage, ["ferv39k"], scheduler="inline", progress=False).failed == 0
+    return resolve_sources(project, "ferv39k")
 
 
 @pytest.fixture(scope="module")
@@ -149,6 +179,44 @@ def test_explain_draws_the_learnt_dpm_maps_of_the_run(ssm_run, ssm_sources):
     assert png.name == "ssm_dpm_maps.png" and png.read_bytes()[:4] == b"\x89PNG"
     image = cv2.imread(str(png))
     assert image is not None and min(image.shape[:2]) > 200
+
+
+def test_ssm_pairs_an_expression_fold_with_an_au_fold_of_its_own(ssm_sources, tmp_path):
+    """DFEW fold 5 with BP4D fold 2 (the paper's ablations: DFEW fold 5 with each BP4D fold; Table XI crosses them)."""
+    config = TrainConfig(**{**SSM, "fold": 5, "au_fold": 2, "epochs": 1, "eval_every": 1})
+    run = RunFolder(train(config, ssm_sources, tmp_path, echo=lambda line: None))
+    assert "-fold5-aufold2-" in run.path.name
+    assert (run.config().fold, run.config().au_fold) == (5, 2)
+    stores = run.read_json("stores.json")
+    assert stores["expression"]["test_fold"] == 5 and stores["au"]["test_fold"] == 2
+    predictions = pq.read_table(run.path / "results-predictions.parquet").to_pylist()
+    for task, fold in (("expression", 5), ("au", 2)):
+        rows = ssm_sources[task].store("index").read().to_pylist()
+        assert sorted(p["sample_id"] for p in predictions if p["task"] == task) == \
+            sorted(r["sample_id"] for r in rows if r["fold"] == fold)
+
+
+def test_ssm_without_an_au_fold_says_to_pair_one_when_the_folds_differ(ssm_sources, tmp_path):
+    config = TrainConfig(**{**SSM, "fold": 5, "epochs": 1})
+    with pytest.raises(ConfigError, match=r"no fold 5.*--au-fold"):
+        train(config, ssm_sources, tmp_path, echo=lambda line: None)
+
+
+def test_ssm_trains_ferv39k_s_fixed_split_with_a_bp4d_fold(ssm_sources, ferv39k_sources, tmp_path):
+    sources = {"expression": ferv39k_sources, "au": ssm_sources["au"]}
+    config = TrainConfig(**{**SSM, "fold": None, "au_fold": 3, "epochs": 1, "eval_every": 1})
+    run = RunFolder(train(config, sources, tmp_path, echo=lambda line: None))
+    predictions = pq.read_table(run.path / "results-predictions.parquet").to_pylist()
+    tested = sorted(p["sample_id"] for p in predictions if p["task"] == "expression")
+    assert tested == sorted(r["sample_id"] for r in ferv39k_sources.store("index").read().to_pylist()
+                            if r["split"] == "test")
+    au_rows = ssm_sources["au"].store("index").read().to_pylist()
+    assert sorted(p["sample_id"] for p in predictions if p["task"] == "au") == \
+        sorted(r["sample_id"] for r in au_rows if r["fold"] == 3)
+    assert run.read_json("stores.json")["au"]["test_fold"] == 3
+    # Without an AU fold, the fixed split cannot choose one for BP4D (it has folds only).
+    with pytest.raises(ConfigError, match=r"no fixed split: choose a fold.*--au-fold"):
+        train(dataclasses.replace(config, au_fold=None), sources, tmp_path, echo=lambda line: None)
 
 
 # Each distinct option set of SSM's registered ablation rows (many rows share one: the full model recurs in
