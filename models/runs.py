@@ -174,6 +174,12 @@ def build_model(config: TrainConfig, sources: dict[str, Sources]) -> nn.Module:
         raise ConfigError(str(e)) from None
     accepts = inspect.signature(builder).parameters
     options = dict(config.model)
+    if "tasks" in accepts and "tasks" not in options:
+        # A model of several tasks that can learn one alone (SSM's STL rows) learns those the run has data for:
+        # an expression dataset without an AU dataset trains expressions only, and the reverse.
+        options["tasks"] = [task for task in sources if task in ("expression", "au")]
+        if len(options["tasks"]) == 1 and "dpm" in accepts:
+            options.setdefault("dpm", False)   # DPM maps between the two tasks' prototypes
     expression = sources.get("expression")
     if expression is not None:
         options.setdefault("num_classes", len(expression.label_names))

@@ -12,6 +12,8 @@ import dataclasses
 import json
 import math
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import cv2
@@ -217,6 +219,33 @@ def test_ssm_trains_ferv39k_s_fixed_split_with_a_bp4d_fold(ssm_sources, ferv39k_
     # Without an AU fold, the fixed split cannot choose one for BP4D (it has folds only).
     with pytest.raises(ConfigError, match=r"no fixed split: choose a fold.*--au-fold"):
         train(dataclasses.replace(config, au_fold=None), sources, tmp_path, echo=lambda line: None)
+
+
+def test_ssm_with_an_expression_dataset_alone_trains_expressions_only(ssm_project, tmp_path):
+    """The STL rows: `affectprep train ssm --dataset demo --fold 1` without an AU dataset."""
+    out = subprocess.run([sys.executable, "-m", "affectprep", "train", "ssm", "--tiny", "--config",
+                          str(ssm_project.path), "--dataset", "demo", "--fold", "1", "--runs", str(tmp_path),
+                          *(f"--set={k}={v}" for k, v in (("epochs", 1), ("batch_size", 8), ("num_workers", 0)))],
+                         capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr
+    (path,) = tmp_path.glob("ssm-demo-fold1-*")
+    run = RunFolder(path)
+    assert run.read_json("config.json")["tasks"] == ["expression"]
+    model = run.trained_model()
+    assert model.tasks == ("expression",) and model.dpm is None and not hasattr(model, "au_temporal")
+    results = run.read_json("results.json")
+    assert "expression" in results and "au" not in results
+    assert set(run.read_json("metrics.json")[0]) >= {"loss", "dfe"}
+
+
+def test_ssm_with_an_au_dataset_alone_trains_aus_only(ssm_sources, tmp_path):
+    config = TrainConfig(**{**SSM, "fold": 2, "epochs": 1, "eval_every": 1})
+    run = RunFolder(train(config, {"au": ssm_sources["au"]}, tmp_path, echo=lambda line: None))
+    model = run.trained_model()
+    assert model.tasks == ("au",) and model.dpm is None and not hasattr(model, "expression_temporal")
+    results = run.read_json("results.json")
+    assert "au" in results and "expression" not in results
+    assert run.read_json("stores.json")["au"]["test_fold"] == 2
 
 
 # Each distinct option set of SSM's registered ablation rows (many rows share one: the full model recurs in
