@@ -82,6 +82,33 @@ def select_samples(index: Store, split: Split, part: str, task: str = "expressio
     return sorted(chosen, key=lambda r: r["sample_id"])
 
 
+def stratified_fraction(samples: list[dict], fraction: float, seed: int) -> list[dict]:
+    """A seeded `fraction` of the samples (SSM's data scaling, Fig. 5 and Tables S1/S2: "20%, 40%, ... of the FE
+    data"), stratified so each stratum keeps its share: an expression sample's stratum is its class, an AU
+    sample's its AU occurrence pattern (the paper does not say how its fractions were drawn; stratifying keeps the
+    class balance and the AU base rates of the full set, so a curve over fractions measures the amount of data).
+    round(fraction * n) samples in all (at least one), split over the strata by largest remainder, ties broken at
+    random; sorted by sample_id like `select_samples`."""
+    if not 0 < fraction <= 1:
+        raise ValueError(f"fraction must lie in (0, 1], got {fraction}")
+    if fraction == 1 or not samples:
+        return samples
+    rng = np.random.default_rng([seed, round(fraction * 1_000_000)])
+    strata: dict[Any, list[str]] = {}
+    for s in samples:
+        key = tuple(-1 if v is None or v != v else v for v in s["au"]) if s.get("au") else s["label"]
+        strata.setdefault(key, []).append(s["sample_id"])
+    keys = sorted(strata, key=repr)
+    quotas = np.array([fraction * len(strata[k]) for k in keys])
+    counts = np.floor(quotas).astype(int)
+    short = max(1, round(fraction * len(samples))) - counts.sum()
+    # Largest remainder first; a random key breaks ties (and orders equal remainders).
+    order = np.lexsort((rng.random(len(keys)), -(quotas - counts)))
+    counts[order[:short]] += 1
+    keep = {sid for k, n in zip(keys, counts) for sid in rng.permutation(sorted(strata[k]))[:n].tolist()}
+    return [s for s in samples if s["sample_id"] in keep]
+
+
 def few_labels(samples: list[dict], per_class: int, seed: int) -> list[dict]:
     """The samples with their labels kept for a random `per_class` of each class and set to -1 (unlabelled) for the
     rest: the weakly supervised target domain. Deterministic for a seed."""

@@ -35,7 +35,7 @@ from affectprep.config import ConfigError, build_dataclass
 from affectprep.store import Store
 
 from .data import (ClipAugment, Split, StoreAudio, StoreAudioFeatures, StoreClips, StoreFeatures, StoreSamples,
-                   collate, select_samples)
+                   collate, select_samples, stratified_fraction)
 from .registry import ModelInputs, model_builder
 
 ROLES = ("index", "faces", "texts", "features", "text_features", "facs", "audio")
@@ -50,6 +50,9 @@ class TrainConfig:
     source: Literal["frames", "features"] = "frames"
     fold: int | None = None                # None: the dataset's fixed train/test split
     au_fold: int | None = None             # the AU dataset's own fold (SSM pairs them, Table XI); None: `fold`
+    # SSM's data scaling (Fig. 5, Tables S1/S2): train on a seeded, stratified fraction of a task's training part.
+    expression_fraction: float = 1.0
+    au_fraction: float = 1.0
     target_labels: int | None = 5          # labelled training samples per class in a "target" domain (PCA); None: all
     epochs: int = 30
     batch_size: int = 64                   # per optimiser step, over all processes and accumulation steps
@@ -82,6 +85,10 @@ class TrainConfig:
         if self.lr <= 0 or self.warmup_epochs < 0 or self.weight_decay < 0:
             raise ConfigError(f"train: lr must be positive and warmup_epochs, weight_decay not negative, got "
                               f"lr={self.lr}, warmup_epochs={self.warmup_epochs}, weight_decay={self.weight_decay}")
+        for name in ("expression_fraction", "au_fraction"):
+            if not 0 < getattr(self, name) <= 1:
+                raise ConfigError(f"train.{name} must lie in (0, 1], got {getattr(self, name)} (no data of a task: "
+                                  f"train without its dataset)")
         if not (0 < self.scale[0] <= self.scale[1] <= 1 and 0 <= self.flip <= 1 and 0 <= self.erase <= 1):
             raise ConfigError(f"train: scale must be an area range inside (0, 1] and flip, erase probabilities, got "
                               f"scale={self.scale}, flip={self.flip}, erase={self.erase}")
@@ -250,8 +257,12 @@ def task_fold(config: TrainConfig, task: str) -> int | None:
 
 
 def samples_for(sources: Sources, config: TrainConfig, part: str, task: str) -> list[dict]:
+    """The index rows of a task's `part`; for "train", the task's fraction of them (expression_fraction,
+    au_fraction)."""
     try:
-        return select_samples(sources.store("index"), Split(task_fold(config, task)), part, task)
+        samples = select_samples(sources.store("index"), Split(task_fold(config, task)), part, task)
+        fraction = {"expression": config.expression_fraction, "au": config.au_fraction}.get(task, 1.0)
+        return stratified_fraction(samples, fraction, config.seed) if part == "train" else samples
     except ValueError as e:
         hint = ("; choose the AU dataset's fold with --au-fold J (train.au_fold)"
                 if task == "au" and config.au_fold is None else "")

@@ -220,3 +220,27 @@ def test_shard_is_balanced_and_exact():
     assert {len(s) for s in shards} <= {2, 3}
     with pytest.raises(ValueError, match="rank must lie"):
         shard(items, 4, 4)
+
+
+def test_a_stratified_fraction_keeps_each_class_share_and_depends_only_on_the_seed():
+    from collections import Counter
+
+    from affectprep.models.data import stratified_fraction
+
+    samples = [{"sample_id": f"s{i:03d}", "label": label} for i, label in enumerate([0] * 50 + [1] * 30 + [2] * 20)]
+    picked = stratified_fraction(samples, 0.2, seed=7)
+    assert Counter(s["label"] for s in picked) == {0: 10, 1: 6, 2: 4}
+    assert picked == sorted(picked, key=lambda s: s["sample_id"])
+    assert picked == stratified_fraction(samples, 0.2, seed=7)
+    assert picked != stratified_fraction(samples, 0.2, seed=8)
+    assert stratified_fraction(samples, 1.0, seed=7) == samples
+    # Remainders: 0.25 of 3 + 3 + 2 = 2 samples, from the strata with the largest remainders (0.75, 0.75; not 0.5).
+    few = [{"sample_id": f"t{i}", "label": label} for i, label in enumerate([0, 0, 0, 1, 1, 1, 2, 2])]
+    assert sorted(s["label"] for s in stratified_fraction(few, 0.25, seed=1)) == [0, 1]
+    # AU samples: stratified by their occurrence pattern (NaN unknown is a value of its own).
+    aus = [{"sample_id": f"a{i:02d}", "label": -1, "au": [float(i % 2), float("nan") if i % 3 else 1.0]}
+           for i in range(60)]
+    patterns = Counter(tuple(str(v) for v in s["au"]) for s in stratified_fraction(aus, 0.5, seed=3))
+    assert sorted(patterns.values()) == [5, 5, 10, 10]
+    with pytest.raises(ValueError, match=r"\(0, 1\]"):
+        stratified_fraction(samples, 0.0, seed=7)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+from collections import Counter
 import shutil
 import subprocess
 import sys
@@ -25,7 +26,7 @@ from affectprep.labels import BP4D_AUS
 from affectprep.models.evaluate import evaluate_run
 from affectprep.models.explain import explain_sample
 from affectprep.models.registry import model_ablations
-from affectprep.models.runs import RunFolder, Sources, TrainConfig
+from affectprep.models.runs import RunFolder, Sources, TrainConfig, samples_for
 from affectprep.models.train import train
 from affectprep.pipeline.dag import run_pipeline
 from affectprep.pipeline.datasets.bp4d import FOLDS
@@ -248,6 +249,23 @@ def test_ssm_with_an_au_dataset_alone_trains_aus_only(ssm_sources, tmp_path):
     assert run.read_json("stores.json")["au"]["test_fold"] == 2
 
 
+def test_au_and_expression_fractions_train_on_a_stratified_part_of_their_task_only(ssm_sources):
+    full = TrainConfig(**SSM)
+    half = TrainConfig(**{**SSM, "au_fraction": 0.5, "expression_fraction": 0.25})
+    for task, fraction in (("au", 0.5), ("expression", 0.25)):
+        everything = samples_for(ssm_sources[task], full, "train", task)
+        part = samples_for(ssm_sources[task], half, "train", task)
+        assert len(part) == round(fraction * len(everything)) and {s["sample_id"] for s in part} < \
+            {s["sample_id"] for s in everything}
+        # The test part is never thinned.
+        assert samples_for(ssm_sources[task], half, "test", task) == samples_for(ssm_sources[task], full, "test", task)
+    # Every BP4D task's frames share one AU pattern: half of each task's frames train.
+    tasks = Counter(s["sample_id"].split("_")[1] for s in samples_for(ssm_sources["au"], half, "train", "au"))
+    assert set(tasks.values()) == {len(AU_CODED)}
+    with pytest.raises(ConfigError, match="au_fraction must lie in"):
+        TrainConfig(au_fraction=0)
+
+
 # Each distinct option set of SSM's registered ablation rows (many rows share one: the full model recurs in
 # every table), as (rows, options).
 ABLATION_SETS: dict[str, tuple[list[str], dict]] = {}
@@ -258,17 +276,16 @@ TRAIN_OPTIONS = {f.name for f in dataclasses.fields(TrainConfig)}
 
 
 @pytest.mark.parametrize("key", list(ABLATION_SETS), ids=[rows[0] for rows, _ in ABLATION_SETS.values()])
-def test_every_ssm_ablation_row_trains_one_tiny_epoch(key, ssm_sources, tmp_path):
+def test_every_ssm_ablation_row_trains_one_tiny_epoch(key, ssm_sources, ferv39k_sources, tmp_path):
     rows, options = ABLATION_SETS[key]
     model = {name[len("model."):]: value for name, value in options.items() if name.startswith("model.")}
     train_options = {name: value for name, value in options.items() if not name.startswith("model.")}
-    unknown = set(train_options) - TRAIN_OPTIONS
-    if unknown:
-        pytest.skip(f"training option(s) {sorted(unknown)} not in TrainConfig yet (rows {rows})")
-    if train_options.get("fold", 1) is None:
-        train_options["fold"] = 1    # FERV39k's fixed split: the fixture's expressions have folds; au_fold is tested
+    assert set(train_options) <= TRAIN_OPTIONS, rows
     tasks = model.get("tasks", ["expression", "au"])
-    sources = {task: ssm_sources[task] for task in tasks}
+    # Table XI's FERV39K rows (fold None): its fixed split, beside a BP4D fold.
+    available = {**ssm_sources, **({"expression": ferv39k_sources} if "fold" in train_options
+                                   and train_options["fold"] is None else {})}
+    sources = {task: available[task] for task in tasks}
     config = TrainConfig(**{**SSM, "epochs": 1, "eval_every": 1, **train_options, "model": model})
     run = RunFolder(train(config, sources, tmp_path, echo=lambda line: None))
     assert run.config().model == model
