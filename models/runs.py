@@ -34,8 +34,8 @@ from affectprep import schema as S
 from affectprep.config import ConfigError, build_dataclass
 from affectprep.store import Store
 
-from .data import (ClipAugment, Split, StoreAudio, StoreAudioFeatures, StoreClips, StoreFeatures, StoreSamples,
-                   collate, select_samples, stratified_fraction)
+from .data import (ClipAugment, Refinement, Split, StoreAudio, StoreAudioFeatures, StoreClips, StoreFeatures,
+                   StoreSamples, check_jitter, collate, select_samples, stratified_fraction)
 from .registry import ModelInputs, model_builder
 
 ROLES = ("index", "faces", "texts", "features", "text_features", "facs", "audio")
@@ -74,10 +74,16 @@ class TrainConfig:
     scale: tuple[float, float] = (0.8, 1.0)   # augmentation: area range of the random square crop
     flip: float = 0.5
     erase: float = 0.25
+    color_jitter: tuple[float, float, float, float] = (0.0, 0.0, 0.0, 0.0)   # brightness, contrast, saturation, hue
+    rotation: float = 0.0                  # maximum rotation angle in degrees (GReFEL's heavy augmentation)
+    # GReFEL's Data Refinement (§4): per epoch, N_pg images of each video or face group, then B per expression.
+    refine_per_group: int | None = None    # N_pg; None: every image of a group
+    refine_per_class: int | None = None    # B; None (with refine_per_group None too): no refinement
 
     def __post_init__(self) -> None:
         at_least = {"epochs": 1, "batch_size": 1, "grad_accum": 1, "eval_every": 1, "num_workers": 0,
-                    "shuffle_buffer": 0, "target_labels": 1, "eval_views": 1, "au_fold": 1}
+                    "shuffle_buffer": 0, "target_labels": 1, "eval_views": 1, "au_fold": 1,
+                    "refine_per_group": 1, "refine_per_class": 1}
         for name, low in at_least.items():
             value = getattr(self, name)
             if value is not None and value < low:
@@ -85,6 +91,10 @@ class TrainConfig:
         if self.lr <= 0 or self.warmup_epochs < 0 or self.weight_decay < 0:
             raise ConfigError(f"train: lr must be positive and warmup_epochs, weight_decay not negative, got "
                               f"lr={self.lr}, warmup_epochs={self.warmup_epochs}, weight_decay={self.weight_decay}")
+        try:
+            check_jitter(self.color_jitter, self.rotation)
+        except ValueError as e:
+            raise ConfigError(f"train: {e}") from None
         for name in ("expression_fraction", "au_fraction"):
             if not 0 < getattr(self, name) <= 1:
                 raise ConfigError(f"train.{name} must lie in (0, 1], got {getattr(self, name)} (no data of a task: "
@@ -291,8 +301,10 @@ def make_dataset(model: nn.Module, config: TrainConfig, sources: Sources, sample
 
 def _dataset(inputs: ModelInputs, config: TrainConfig, sources: Sources, samples: list[dict], *, train: bool,
              rank: int, world_size: int, view: int | None, max_views: int | None) -> StoreSamples:
+    refine = (Refinement(config.refine_per_class, config.refine_per_group)
+              if train and (config.refine_per_class or config.refine_per_group) else None)
     common = dict(view=view, max_views=max_views, shuffle_buffer=config.shuffle_buffer if train else 0,
-                  seed=config.seed, rank=rank, world_size=world_size, drop_remainder=train)
+                  seed=config.seed, rank=rank, world_size=world_size, drop_remainder=train, refine=refine)
     cached_text = config.source == "features" and "text_features" in sources.stores
     texts = texts_for(sources, samples) if inputs.text == "caption" and not cached_text else None
     if config.source == "features" and inputs.audio:
@@ -305,7 +317,8 @@ def _dataset(inputs: ModelInputs, config: TrainConfig, sources: Sources, samples
     if train and inputs.real_landmarks:
         _require_real_landmarks(sources.store("faces"), samples, config.model_name)
     augment = ClipAugment(size=inputs.image_size, train=train, scale=config.scale, flip=config.flip,
-                          erase=config.erase, mean=inputs.mean, std=inputs.std)
+                          erase=config.erase, mean=inputs.mean, std=inputs.std, color_jitter=config.color_jitter,
+                          rotation=config.rotation)
     return StoreClips(sources.store("faces"), samples, augment=augment, landmarks=inputs.landmarks, texts=texts,
                       num_frames=inputs.frames, **common)
 
