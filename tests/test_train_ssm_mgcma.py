@@ -23,14 +23,14 @@ import pytest
 
 from affectprep.config import ConfigError, DatasetConfig, ProjectConfig, write_project
 from affectprep.labels import BP4D_AUS
-from affectprep.models.evaluate import evaluate_run
+from affectprep.models.evaluate import evaluate_on, evaluate_run
 from affectprep.models.explain import explain_sample
 from affectprep.models.registry import model_ablations
 from affectprep.models.runs import RunFolder, Sources, TrainConfig, samples_for
 from affectprep.models.train import train
 from affectprep.pipeline.dag import run_pipeline
 from affectprep.pipeline.datasets.bp4d import FOLDS
-from affectprep.pipeline.demo import DFEW_LABELS, EXPRESSIONS, make_demo_dataset, render_frames
+from affectprep.pipeline.demo import DFEW_LABELS, EXPRESSIONS, make_demo_dataset, render_clip, render_frames
 from affectprep.train_sources import resolve_sources
 
 STAGES = {"faces": {"backend": "haar"}, "captions": {"captioner": "motion"}, "cate": {"llm": "template"}}
@@ -264,6 +264,74 @@ def test_au_and_expression_fractions_train_on_a_stratified_part_of_their_task_on
     assert set(tasks.values()) == {len(AU_CODED)}
     with pytest.raises(ConfigError, match="au_fraction must lie in"):
         TrainConfig(au_fraction=0)
+
+
+DISFA_SUBJECTS = {"SN001": "happy", "SN003": "surprise", "SN013": "angry"}   # one per DISFA fold
+
+
+def make_rendered_disfa(root: Path) -> Path:
+    """DISFA's layout: a left-camera video per subject (the demo face rendered with one expression) and per-AU
+    intensity files coding AU_CODED frames, 3 for each DISFA AU the expression moves and 0 for the others."""
+    from affectprep.labels import DISFA_AUS
+
+    for s, (subject, expression) in enumerate(DISFA_SUBJECTS.items()):
+        render_clip(expression, root / "Videos_LeftCamera" / f"LeftVideo{subject}_comp.avi", seed=500 + s,
+                    num_frames=AU_FRAMES, size=(320, 240))
+        folder = root / "ActionUnit_Labels" / subject
+        folder.mkdir(parents=True)
+        for au in DISFA_AUS:
+            value = 3 if f"AU{au}" in EXPRESSIONS[expression] else 0
+            (folder / f"{subject}_au{au}.txt").write_text("".join(f"{n},{value}\n" for n in AU_CODED))
+    return root
+
+
+@pytest.fixture(scope="module")
+def cross_project(ssm_project, ferv39k_sources) -> ProjectConfig:
+    """The SSM project with FERV39k and DISFA beside DFEW and BP4D (Table X's zero-shot pair), in one project file."""
+    root = make_rendered_disfa(ssm_project.cache.parent / "DISFA")
+    project = dataclasses.replace(ssm_project, path=ssm_project.path.with_name("cross.toml"), datasets={
+        **ssm_project.datasets, "ferv39k": DatasetConfig("ferv39k", "ferv39k", ssm_project.cache.parent / "FERV39k"),
+        "disfa": DatasetConfig("disfa", "disfa", root, {"window": 4})})
+    write_project(project)
+    for stage in ("faces", "facs"):
+        assert run_pipeline(project, stage, ["disfa"], scheduler="inline", progress=False).failed == 0
+    return project
+
+
+def test_a_run_on_bp4d_and_dfew_is_scored_zero_shot_on_disfa_and_ferv39k(ssm_run, cross_project):
+    """SSM Table X through the CLI: DISFA's five AUs shared with BP4D, FERV39k's seven classes."""
+    out = subprocess.run([sys.executable, "-m", "affectprep", "eval", str(ssm_run), "--config", str(cross_project.path),
+                          "--dataset", "ferv39k", "--dataset", "disfa"], capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr
+    results = json.loads((ssm_run / "eval-ferv39k-disfa-viewsall.json").read_text())
+    assert results["datasets"]["au"]["shared"] == ["AU1", "AU2", "AU4", "AU6", "AU12"]
+    assert results["datasets"]["expression"]["shared"] == resolve_sources(cross_project, "ferv39k").label_names
+    assert set(results["au"]["f1"]) == {"AU1", "AU2", "AU4", "AU6", "AU12"}
+    predictions = pq.read_table(ssm_run / "eval-ferv39k-disfa-viewsall-predictions.parquet").to_pylist()
+    disfa = resolve_sources(cross_project, "disfa").store("index").read().to_pylist()
+    ferv = resolve_sources(cross_project, "ferv39k").store("index").read().to_pylist()
+    # DISFA has folds only: every sample is scored (the model saw none); FERV39k: its test split.
+    assert sorted(p["sample_id"] for p in predictions if p["task"] == "au") == sorted(r["sample_id"] for r in disfa)
+    assert sorted(p["sample_id"] for p in predictions if p["task"] == "expression") == \
+        sorted(r["sample_id"] for r in ferv if r["split"] == "test")
+    # The AU labels scored are DISFA's, read at the shared AUs: happy's AU6 and AU12 on SN001's frames.
+    happy = next(p for p in predictions if p["task"] == "au" and p["sample_id"].startswith("SN001"))
+    assert happy["au"] == [0, 0, 0, 1, 1] and len(happy["au_scores"]) == 5
+    assert all(abs(sum(p["probabilities"]) - 1) < 1e-5 for p in predictions if p["task"] == "expression")
+    assert "AU F1" in out.stdout and "written:" in out.stdout
+    # One fold of DISFA: its test subject only.
+    fold = evaluate_on(ssm_run, {"au": resolve_sources(cross_project, "disfa")}, fold=1)
+    assert fold["datasets"]["au"]["fold"] == 1 and fold["au"]["f1"].keys() == results["au"]["f1"].keys()
+
+
+def test_cross_dataset_evaluation_says_in_one_line_when_nothing_is_shared(ssm_run, cross_project, ferv39k_sources):
+    strangers = dataclasses.replace(ferv39k_sources, label_names=["calm", "bored"])
+    with pytest.raises(ConfigError, match=r"shares no classes with the run's 'demo' \(calm, bored against happy"):
+        evaluate_on(ssm_run, {"expression": strangers})
+    out = subprocess.run([sys.executable, "-m", "affectprep", "eval", str(ssm_run), "--config", str(cross_project.path),
+                          "--dataset", "disfa", "--dataset", "bp4d"], capture_output=True, text=True, timeout=600)
+    assert out.returncode == 2 and "Traceback" not in out.stderr and len(out.stderr.strip().splitlines()) == 1
+    assert "both au datasets" in out.stderr
 
 
 # Each distinct option set of SSM's registered ablation rows (many rows share one: the full model recurs in
