@@ -370,6 +370,9 @@ def train(model: Annotated[Optional[str], typer.Argument(help="A registered mode
           fold: Annotated[Optional[str], typer.Option(
               help="Test on this official fold, or 'all': one run per fold and their mean (default: fixed "
                    "split).")] = None,
+          au_fold: Annotated[Optional[int], typer.Option(
+              min=1, help="Test the AU dataset on this fold of its own (SSM pairs an expression fold with an AU "
+                          "fold; default: --fold).")] = None,
           text_version: Annotated[Optional[str], typer.Option(
               help="Train on this text version (see `affectprep text list`); default: the current CATE texts.")] = None,
           source: Annotated[Optional[str], typer.Option("--from", help="frames (end to end) or features (cached "
@@ -391,7 +394,8 @@ def train(model: Annotated[Optional[str], typer.Argument(help="A registered mode
     if resume is not None:
         given = [flag for flag, value in (("MODEL", model), ("--set", set_), ("--dataset", dataset),
                                           ("--au-dataset", au_dataset), ("--target-dataset", target_dataset),
-                                          ("--fold", fold), ("--text-version", text_version), ("--from", source))
+                                          ("--fold", fold), ("--au-fold", au_fold), ("--text-version", text_version),
+                                          ("--from", source))
                  if value]
         if given:
             raise ConfigError(f"--resume continues a run as it was configured; drop {', '.join(given)}")
@@ -412,6 +416,8 @@ def train(model: Annotated[Optional[str], typer.Argument(help="A registered mode
         every_fold = fold == "all"
         if fold is not None and not every_fold:
             raw["fold"] = _fold_number(fold)
+        if au_fold is not None:
+            raw["au_fold"] = au_fold
         raw.update(model_name=model, **({"source": source} if source is not None else {}))
         raw["tiny"] = tiny or raw.get("tiny", False)
         train_config = TrainConfig.from_dict(raw)
@@ -427,6 +433,10 @@ def train(model: Annotated[Optional[str], typer.Argument(help="A registered mode
             folds = folds_of(main_source)
             if not folds:
                 raise ConfigError("--fold all: this dataset has no official folds (it has a fixed split)")
+            if "au" in sources and "expression" in sources and train_config.au_fold is None \
+                    and not set(folds) <= set(folds_of(sources["au"])):
+                raise ConfigError(f"--fold all: the AU dataset has folds {folds_of(sources['au'])}, the expression "
+                                  f"dataset {folds}: fix the AU dataset's fold with --au-fold J")
             summary = train_folds(train_config, sources, folds, runs, echo=typer.echo)
             if PartialState().is_main_process:
                 typer.echo(f"summary: {summary}")
@@ -492,22 +502,49 @@ def _training_sources(project: ProjectConfig, config, dataset: str | None, au_da
 @app.command("eval")
 def eval_(run_dir: RunArg,
           views: Annotated[Optional[int], typer.Option(min=1, help="Views per test sample (default: every "
-                                                                       "stored view).")] = None) -> None:
+                                                                       "stored view).")] = None,
+          dataset: Annotated[Optional[list[str]], typer.Option(
+              "--dataset", "-d", help="Test on this other dataset of the project instead, on the classes or AUs it "
+                                      "shares with the run's (repeatable: one per task).")] = None,
+          fold: Annotated[Optional[int], typer.Option(
+              min=1, help="With --dataset: that dataset's fold whose test part to score (default: its fixed test "
+                          "split, or every sample of its folds).")] = None,
+          config: ConfigOpt = Path(DEFAULT_CONFIG_FILE)) -> None:
     """Score a run's last checkpoint on its test data: UAR, WAR, per-class recall, confusion matrix (PNG and
-    table), AU F1. Writes eval-views<N>.json and prints the scores."""
-    from affectprep.models.evaluate import evaluate_run, summary_line
+    table), AU F1. Writes eval-views<N>.json and prints the scores. With --dataset, on other datasets (cross-dataset
+    testing) as eval-<dataset>-views<N>.json."""
+    from affectprep.models.evaluate import evaluate_on, evaluate_run, summary_line
     from affectprep.models.metrics import confusion_table
     from affectprep.models.runs import RunFolder
 
-    results = evaluate_run(run_dir, views)
+    if fold is not None and not dataset:
+        raise ConfigError("--fold picks the test part of another --dataset; a run's own test data is its own fold")
+    if dataset:
+        from affectprep.train_sources import resolve_sources
+
+        project = load_project(config)
+        features = RunFolder(run_dir).config().source == "features"
+        others = {}
+        for name in dataset:
+            other = resolve_sources(project, name, features=features)
+            task = "au" if other.au_names else "expression"
+            if task in others:
+                raise ConfigError(f"--dataset {others[task].dataset} and {name} are both {task} datasets: one each")
+            others[task] = other
+        results = evaluate_on(run_dir, others, views, fold)
+        names = {task: entry["shared"] for task, entry in results["datasets"].items()}
+        written = results["written"]
+    else:
+        results = evaluate_run(run_dir, views)
+        names = {task: s.label_names for task, s in RunFolder(run_dir).sources().items()}
+        written = f"eval-views{results['views']}.json"
     typer.echo(summary_line(results))
     if "expression" in results:
-        names = RunFolder(run_dir).sources()["expression"].label_names
-        typer.echo(confusion_table(results["expression"]["confusion"], names))
+        typer.echo(confusion_table(results["expression"]["confusion"], names["expression"]))
     if "au" in results:
         for name, f1 in results["au"]["f1"].items():
             typer.echo(f"  {name:8} F1 {'-' if f1 is None else f'{100 * f1:.1f}'}")
-    typer.echo(f"written: {run_dir}/eval-views{results['views']}.json")
+    typer.echo(f"written: {run_dir}/{written}")
 
 
 @app.command()

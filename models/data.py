@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+from collections import Counter
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -65,6 +66,10 @@ def select_samples(index: Store, split: Split, part: str, task: str = "expressio
                 else (lambda r: r["label"] is not None and r["label"] >= 0))
     rows = [r for r in index.read(status=S.STATUS_OK).to_pylist() if labelled(r)]
     if split.fold is None:
+        folds = sorted({r["fold"] for r in rows if r["fold"]})
+        if folds and not any(r["split"] for r in rows):
+            raise ValueError(f"{index} has official folds ({', '.join(map(str, folds))}) and no fixed split: "
+                             f"choose a fold")
         chosen = [r for r in rows if r["split"] == part]
     else:
         if part == "val":
@@ -76,6 +81,33 @@ def select_samples(index: Store, split: Split, part: str, task: str = "expressio
         # Samples outside every fold (fold 0) belong to no official protocol, so neither part takes them.
         chosen = [r for r in rows if r["fold"] and (r["fold"] == split.fold) == (part == "test")]
     return sorted(chosen, key=lambda r: r["sample_id"])
+
+
+def stratified_fraction(samples: list[dict], fraction: float, seed: int) -> list[dict]:
+    """A seeded `fraction` of the samples (SSM's data scaling, Fig. 5 and Tables S1/S2: "20%, 40%, ... of the FE
+    data"), stratified so each stratum keeps its share: an expression sample's stratum is its class, an AU
+    sample's its AU occurrence pattern (the paper does not say how its fractions were drawn; stratifying keeps the
+    class balance and the AU base rates of the full set, so a curve over fractions measures the amount of data).
+    round(fraction * n) samples in all (at least one), split over the strata by largest remainder, ties broken at
+    random; sorted by sample_id like `select_samples`."""
+    if not 0 < fraction <= 1:
+        raise ValueError(f"fraction must lie in (0, 1], got {fraction}")
+    if fraction == 1 or not samples:
+        return samples
+    rng = np.random.default_rng([seed, round(fraction * 1_000_000)])
+    strata: dict[Any, list[str]] = {}
+    for s in samples:
+        key = tuple(-1 if v is None or v != v else v for v in s["au"]) if s.get("au") else s["label"]
+        strata.setdefault(key, []).append(s["sample_id"])
+    keys = sorted(strata, key=repr)
+    quotas = np.array([fraction * len(strata[k]) for k in keys])
+    counts = np.floor(quotas).astype(int)
+    short = max(1, round(fraction * len(samples))) - counts.sum()
+    # Largest remainder first; a random key breaks ties (and orders equal remainders).
+    order = np.lexsort((rng.random(len(keys)), -(quotas - counts)))
+    counts[order[:short]] += 1
+    keep = {sid for k, n in zip(keys, counts) for sid in rng.permutation(sorted(strata[k]))[:n].tolist()}
+    return [s for s in samples if s["sample_id"] in keep]
 
 
 def few_labels(samples: list[dict], per_class: int, seed: int) -> list[dict]:
@@ -104,6 +136,51 @@ def class_weights_from_labels(labels: Sequence[int], num_classes: int) -> torch.
     return _weights_from_counts(np.bincount(labels, minlength=num_classes).tolist())
 
 
+@dataclass(frozen=True)
+class Refinement:
+    """GReFEL's Data Refinement (§4, "Data Distribution Adjustments"; Implementation Details: N_pg = 512, B =
+    500): every epoch, `per_group` (N_pg) images drawn at random from each video or face group, and from that
+    pool `per_class` (B) images of each expression, "creating a batch of B x N_cls images per epoch". None keeps
+    every image of a group / of the pool. Our choices where the paper is silent: a class with fewer than B images
+    in the pool gives all of them plus random repeats up to B (the paper's classes must be balanced, and its
+    "sample augmentation to expand the training set in class-imbalanced cases" repeats images under fresh
+    augmentation); samples without an expression label (AU data, a target domain's unlabelled part) are kept,
+    once each."""
+    per_class: int | None = None
+    per_group: int | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("per_class", "per_group"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ValueError(f"refinement {name} must be at least 1, got {value}")
+
+    def draw(self, samples: Sequence[tuple[str, int, str]], rng: np.random.Generator) -> list[str]:
+        """(sample_id, label, group) of the usable samples -> the epoch's sample ids, in no particular order."""
+        groups: dict[str, list[tuple[str, int, str]]] = {}
+        for s in samples:
+            if s[1] >= 0:
+                groups.setdefault(s[2], []).append(s)
+        classes: dict[int, list[str]] = {}
+        for group in sorted(groups):
+            members = sorted(groups[group])
+            take = len(members) if self.per_group is None else min(self.per_group, len(members))
+            for i in rng.permutation(len(members))[:take]:
+                classes.setdefault(members[i][1], []).append(members[i][0])
+        out = [s[0] for s in samples if s[1] < 0]
+        for label in sorted(classes):
+            ids = sorted(classes[label])
+            if self.per_class is None:
+                out += ids
+                continue
+            order = rng.permutation(len(ids))
+            chosen = [ids[i] for i in order[:self.per_class]]
+            if len(chosen) < self.per_class:
+                chosen += [ids[i] for i in rng.integers(0, len(ids), self.per_class - len(chosen))]
+            out += chosen
+        return out
+
+
 def shard(items: Sequence[T], rank: int, world_size: int) -> list[T]:
     """The `rank`-th of `world_size` contiguous, balanced slices of items (sizes differ by at most one).
 
@@ -119,22 +196,30 @@ def shard(items: Sequence[T], rank: int, world_size: int) -> list[T]:
 class ClipAugment:
     """Clip augmentation with numpy and OpenCV: the same spatial transform for every frame of a clip.
 
-    Training: a random square crop covering `scale` of the frame's area (scale jitter) resized to `size`, a
-    horizontal flip with probability `flip`, and with probability `erase` one random rectangle replaced by
-    Gaussian noise (VideoMAE's "pixel" random erasing), then normalised by mean/std. Evaluation: resize and
-    normalise only, so it is deterministic.
+    Training: a rotation by a random angle in [-rotation, rotation] degrees about the frame's centre (GReFEL §4
+    "rotating"; edges reflected, our choice, so no black corners become a cue), a random square crop covering
+    `scale` of the frame's area (scale jitter) resized to `size`, a horizontal flip with probability `flip`, a
+    colour jitter (SSM §IV-B "color jittering", GReFEL §4 "color augmentation"), and with probability `erase` one
+    random rectangle replaced by Gaussian noise (VideoMAE's "pixel" random erasing), then normalised by mean/std.
+    color_jitter = (brightness, contrast, saturation, hue) as torchvision's ColorJitter reads them: factors drawn
+    from [max(0, 1 - b), 1 + b] (hue: a shift in [-h, h] of the hue circle, h <= 0.5), applied in a random order;
+    neither paper gives its strengths, a recipe chooses them. Evaluation: resize and normalise only, so it is
+    deterministic. Off (rotation 0, jitter all 0) draws no random numbers, so runs without them are unchanged.
     """
 
     def __init__(self, size: int = 224, train: bool = True, scale: tuple[float, float] = (0.8, 1.0),
                  flip: float = 0.5, erase: float = 0.25, mean: Sequence[float] = IMAGENET_MEAN,
-                 std: Sequence[float] = IMAGENET_STD, seed: int | None = None):
+                 std: Sequence[float] = IMAGENET_STD, seed: int | None = None,
+                 color_jitter: Sequence[float] = (0.0, 0.0, 0.0, 0.0), rotation: float = 0.0):
         if size < 1:
             raise ValueError(f"size must be positive, got {size}")
         if not 0 < scale[0] <= scale[1] <= 1:
             raise ValueError(f"scale must be an area range inside (0, 1], got {scale}")
         if not (0 <= flip <= 1 and 0 <= erase <= 1):
             raise ValueError(f"flip and erase are probabilities, got flip={flip}, erase={erase}")
+        check_jitter(color_jitter, rotation)
         self.size, self.train, self.scale, self.flip, self.erase = size, train, scale, flip, erase
+        self.color_jitter, self.rotation = tuple(float(v) for v in color_jitter), float(rotation)
         self.mean = np.asarray(mean, dtype=np.float32).reshape(1, 3, 1, 1)
         self.std = np.asarray(std, dtype=np.float32).reshape(1, 3, 1, 1)
         self.rng = np.random.default_rng(seed)
@@ -153,6 +238,8 @@ class ClipAugment:
                              f"{frames.dtype}")
         rng = rng if rng is not None else self.rng
         height, width = frames.shape[1:3]
+        if self.train and self.rotation:
+            frames, landmarks = _rotate(frames, landmarks, rng.uniform(-self.rotation, self.rotation))
         if self.train:
             top, left, side = self._crop_box(height, width, rng)
             frames = frames[:, top:top + side, left:left + side]
@@ -163,7 +250,10 @@ class ClipAugment:
             frames = frames[:, :, ::-1]
             if landmarks is not None:
                 landmarks = _mirror_landmarks(landmarks)
-        clip = (frames.transpose(0, 3, 1, 2).astype(np.float32) / 255 - self.mean) / self.std
+        rgb = frames.astype(np.float32) / 255
+        if self.train and any(self.color_jitter):
+            rgb = _jitter(rgb, self.color_jitter, rng)
+        clip = (rgb.transpose(0, 3, 1, 2) - self.mean) / self.std
         if self.train and rng.random() < self.erase:
             self._erase(clip, rng)
         points = None if landmarks is None else torch.from_numpy(np.ascontiguousarray(landmarks, dtype=np.float32))
@@ -189,6 +279,60 @@ class ClipAugment:
         w = min(self.size, max(1, round(np.sqrt(area / aspect))))
         top, left = rng.integers(0, self.size - h + 1), rng.integers(0, self.size - w + 1)
         clip[:, :, top:top + h, left:left + w] = rng.standard_normal((clip.shape[0], 3, h, w), dtype=np.float32)
+
+
+def check_jitter(color_jitter: Sequence[float], rotation: float) -> None:
+    """Raises ValueError unless color_jitter is (brightness, contrast, saturation, hue) strengths, each >= 0 and
+    hue <= 0.5, and rotation an angle in [0, 180] degrees."""
+    if len(color_jitter) != 4 or min(color_jitter) < 0 or color_jitter[3] > 0.5:
+        raise ValueError(f"color_jitter must be (brightness, contrast, saturation, hue), each >= 0 and hue <= 0.5, "
+                         f"got {list(color_jitter)}")
+    if not 0 <= rotation <= 180:
+        raise ValueError(f"rotation must be a maximum angle in [0, 180] degrees, got {rotation}")
+
+
+def _rotate(frames: np.ndarray, landmarks: np.ndarray | None,
+            degrees: float) -> tuple[np.ndarray, np.ndarray | None]:
+    """Every frame rotated by `degrees` (counter-clockwise) about its centre, and the landmarks ([0, 1] of the
+    frame) moved with them."""
+    height, width = frames.shape[1:3]
+    matrix = cv2.getRotationMatrix2D(((width - 1) / 2, (height - 1) / 2), degrees, 1.0)
+    frames = np.stack([cv2.warpAffine(f, matrix, (width, height), flags=cv2.INTER_LINEAR,
+                                      borderMode=cv2.BORDER_REFLECT_101) for f in frames])
+    if landmarks is not None:
+        size = np.array([width, height], np.float32)
+        pixels = landmarks * size - 0.5                       # pixel centres
+        pixels = pixels @ matrix[:, :2].T.astype(np.float32) + matrix[:, 2].astype(np.float32)
+        landmarks = (pixels + 0.5) / size
+    return frames, landmarks
+
+
+def _jitter(rgb: np.ndarray, strengths: Sequence[float], rng: np.random.Generator) -> np.ndarray:
+    """torchvision ColorJitter's four adjustments on (T, H, W, 3) RGB in [0, 1], one draw for the whole clip."""
+    def gray(x: np.ndarray) -> np.ndarray:
+        return (x @ np.array([0.299, 0.587, 0.114], np.float32))[..., None]
+
+    def factor(strength: float) -> float:
+        return float(rng.uniform(max(0.0, 1 - strength), 1 + strength))
+
+    for op in rng.permutation(4):
+        strength = strengths[op]
+        if not strength:
+            continue
+        if op == 0:                                            # brightness
+            rgb = rgb * factor(strength)
+        elif op == 1:                                          # contrast: against each frame's mean grey
+            mean = gray(rgb).mean(axis=(1, 2, 3), keepdims=True)
+            rgb = mean + (rgb - mean) * factor(strength)
+        elif op == 2:                                          # saturation: against each pixel's grey
+            rgb = gray(rgb) + (rgb - gray(rgb)) * factor(strength)
+        else:                                                  # hue: a turn of the hue circle
+            shift = 360.0 * float(rng.uniform(-strength, strength))
+            hsv = np.stack([cv2.cvtColor(np.ascontiguousarray(f), cv2.COLOR_RGB2HSV) for f in rgb.clip(0, 1)])
+            hsv[..., 0] = (hsv[..., 0] + shift) % 360.0
+            rgb = np.stack([cv2.cvtColor(f, cv2.COLOR_HSV2RGB) for f in hsv])
+        rgb = rgb.clip(0, 1)
+    return rgb.astype(np.float32)
 
 
 # 68-point (iBUG) layout: the index each point takes in a mirrored face (jaw, brows, nose, eyes, mouth reversed).
@@ -224,7 +368,8 @@ class StoreSamples(IterableDataset):
 
     def __init__(self, store: Store, samples: list[dict], *, texts: dict[str, str] | None = None,
                  view: int | None = 0, max_views: int | None = None, shuffle_buffer: int = 256,
-                 seed: int = 3407, rank: int = 0, world_size: int = 1, drop_remainder: bool = False):
+                 seed: int = 3407, rank: int = 0, world_size: int = 1, drop_remainder: bool = False,
+                 refine: Refinement | None = None):
         super().__init__()
         shard([], rank, world_size)  # validates rank and world_size
         if view is not None and view < 0:
@@ -235,7 +380,9 @@ class StoreSamples(IterableDataset):
             raise ValueError(f"max_views must be at least 1, got {max_views}")
         self.store, self.texts, self.view, self.max_views = store, texts, view, max_views
         self.shuffle_buffer, self.seed, self.rank, self.world_size = shuffle_buffer, seed, rank, world_size
-        self.drop_remainder = drop_remainder
+        self.drop_remainder, self.refine = drop_remainder, refine
+        # A sample's video or face group for the refinement: the media it was cut from (a video's frames share it).
+        self.group_of = {s["sample_id"]: s.get("media_path") or s["sample_id"] for s in samples}
         self.epoch = 0
         self.labels = {s["sample_id"]: _label(s.get("label")) for s in samples}
         self.aus = {s["sample_id"]: s["au"] for s in samples if s.get("au")}
@@ -319,6 +466,8 @@ class StoreSamples(IterableDataset):
     def _mine(self, rng: np.random.Generator | None) -> list[tuple[str, int]]:
         """This rank's share of the epoch's order: parts (and samples within a part) permuted by `rng`."""
         groups = [list(g) for g in self._groups]
+        if self.refine is not None:
+            groups = self._refined(groups)
         if rng is not None:
             groups = [groups[i] for i in rng.permutation(len(groups))]
             for g in groups:
@@ -327,6 +476,13 @@ class StoreSamples(IterableDataset):
         if self.drop_remainder:
             order = order[:len(order) - len(order) % self.world_size]
         return shard(order, self.rank, self.world_size)
+
+    def _refined(self, groups: list[list[tuple[str, int]]]) -> list[list[tuple[str, int]]]:
+        """The part groups holding this epoch's refined draw (a sample drawn twice appears twice). Its own
+        generator of (seed, epoch), so `len` and the epoch's iteration agree."""
+        usable = [(sid, self.labels[sid], self.group_of[sid]) for g in groups for sid, _ in g]
+        drawn = Counter(self.refine.draw(usable, np.random.default_rng([self.seed, self.epoch, 0x5EF1])))
+        return [[entry for entry in g for _ in range(drawn[entry[0]])] for g in groups]
 
     def _views(self, num_views: int) -> list[int]:
         if self.view is not None:
@@ -344,7 +500,7 @@ class StoreSamples(IterableDataset):
             rows = {r["sample_id"]: r for t in tables for r in t.to_pylist()}
             joined = self._joined([s for s, _ in run])
             for sample_id, num_views in run:
-                row = rows.pop(sample_id, None)
+                row = rows.get(sample_id)   # (not popped: a refined epoch may draw a sample twice)
                 if row is None:  # rewritten as failed since this dataset was made
                     log.warning("skipping %s: no longer ok in %s", sample_id, self.store)
                     continue

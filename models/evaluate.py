@@ -10,6 +10,7 @@ optimistic, hence both) for AUs.
 """
 from __future__ import annotations
 
+import dataclasses
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
@@ -22,8 +23,11 @@ from accelerate import Accelerator
 from accelerate.utils import gather_object
 from torch import nn
 
+from affectprep import schema as S
+from affectprep.config import ConfigError
+
 from . import metrics
-from .data import DOMAINS, with_domain
+from .data import DOMAINS, Split, select_samples, with_domain
 from .runs import RunFolder, Sources, TrainConfig, make_dataset, make_loader, samples_for
 
 
@@ -138,14 +142,15 @@ def summary_line(results: dict[str, Any]) -> str:
 
 
 def evaluate(model: nn.Module, config: TrainConfig, sources: dict[str, Sources], accelerator: Accelerator,
-             views: int | None) -> tuple[dict[str, list[dict[str, Any]]], dict[str, dict[str, str]]]:
-    """Predict the test part of every task with up to `views` views per sample: per task, per-sample records
-    (every process gets them), and the test samples that could not be scored, with why."""
+             views: int | None, samples_of: dict[str, list[dict]] | None = None
+             ) -> tuple[dict[str, list[dict[str, Any]]], dict[str, dict[str, str]]]:
+    """Predict the test part of every task (or the index rows in `samples_of[task]`) with up to `views` views per
+    sample: per task, per-sample records (every process gets them), and the samples that could not be scored."""
     core = accelerator.unwrap_model(model)
     out, missing = {}, {}
     per_process = max(1, config.batch_size // (accelerator.num_processes * config.grad_accum))
     for task, task_sources in sources.items():
-        samples = samples_for(task_sources, config, "test", task)
+        samples = samples_of[task] if samples_of is not None else samples_for(task_sources, config, "test", task)
         dataset = make_dataset(core, config, task_sources, samples, train=False, rank=accelerator.process_index,
                                world_size=accelerator.num_processes, view=None, max_views=views)
         loader = make_loader(dataset, per_process, config.num_workers)
@@ -166,4 +171,96 @@ def evaluate_run(run_path: Path, views: int | None = None) -> dict[str, Any]:
     results["views"] = views or "all"
     if accelerator.is_main_process:
         write_results(run, samples, results, sources, f"eval-views{views or 'all'}")
+    return results
+
+
+# ---- cross-dataset evaluation (SSM Table X) -----------------------------------------------------------------------
+
+def shared_labels(trained: Sources, other: Sources, task: str) -> list[str]:
+    """The classes (AUs for "au") of `other` that the run's model also predicts, in `other`'s order; a one-line
+    error when there are none."""
+    mine, theirs = ((trained.au_names, other.au_names) if task == "au" else (trained.label_names, other.label_names))
+    shared = [name for name in theirs if name in mine]
+    if not shared:
+        what = "AUs" if task == "au" else "classes"
+        raise ConfigError(f"dataset '{other.dataset}' shares no {what} with the run's '{trained.dataset}' "
+                          f"({', '.join(theirs)} against {', '.join(mine)}): nothing to score")
+    return shared
+
+
+def cross_samples(other: Sources, task: str, fold: int | None) -> list[dict]:
+    """The samples of another dataset a cross-dataset test scores: its test part (fold `fold`'s, or the fixed
+    split's); a dataset with folds only and no fold given: every sample of its folds (the model saw none)."""
+    index = other.store("index")
+    try:
+        return select_samples(index, Split(fold), "test", task)
+    except ValueError as e:
+        if fold is not None or "no fixed split" not in str(e):
+            raise ConfigError(f"dataset '{other.dataset}': {e}") from None
+    folds = sorted({f for f in index.read(["fold"], status=S.STATUS_OK).column("fold").to_pylist() if f})
+    return sorted((s for k in folds for s in select_samples(index, Split(k), "test", task)),
+                  key=lambda s: s["sample_id"])
+
+
+def restrict(records: list[dict[str, Any]], trained: Sources, other: Sources, task: str,
+             shared: list[str]) -> list[dict[str, Any]]:
+    """Per-sample records of the trained model on `other` read on the shared labels (Table X: "we index the output
+    distribution of BP4D to match the shared labels in DISFA"): AU scores and labels of the shared AUs; class
+    probabilities of the shared classes renormalised (our choice, the same indexing for expressions: the
+    prediction is among the classes the test set has), labels renumbered, samples of other classes dropped."""
+    out = []
+    for record in records:
+        record = dict(record)
+        if task == "au":
+            if "au_scores" in record:
+                record["au_scores"] = [record["au_scores"][trained.au_names.index(n)] for n in shared]
+                record["au"] = [record["au"][other.au_names.index(n)] for n in shared]
+        else:
+            name = other.label_names[record["label"]] if record["label"] >= 0 else None
+            if name not in shared:
+                continue
+            record["label"] = shared.index(name)
+            if "probabilities" in record:
+                p = np.asarray([record["probabilities"][trained.label_names.index(n)] for n in shared])
+                record["probabilities"] = (p / max(p.sum(), 1e-12)).tolist()
+                record["prediction"] = int(np.argmax(p))
+        out.append(record)
+    return out
+
+
+def evaluate_on(run_path: Path, others: dict[str, Sources], views: int | None = None,
+                fold: int | None = None) -> dict[str, Any]:
+    """`affectprep eval RUN --dataset OTHER`: the run's last checkpoint on other datasets of the project, each as
+    the task its labels name (an AU dataset "au", else "expression"), scored on the labels it shares with the
+    run's own (SSM Table X: trained on BP4D + DFEW, tested on DISFA's 5 shared AUs and FERV39k's 7 classes).
+    Written as eval-<datasets>-views<N>.*"""
+    run = RunFolder(run_path)
+    config, trained = run.config(), run.sources()
+    for task, other in others.items():
+        if task not in trained:
+            raise ConfigError(f"dataset '{other.dataset}' is an {task} dataset; the run learnt "
+                              f"{', '.join(trained)} only")
+    shared = {task: shared_labels(trained[task], other, task) for task, other in others.items()}
+    accelerator = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=config.mixed_precision)
+    model = accelerator.prepare(run.trained_model())
+    core = accelerator.unwrap_model(model)
+    others = {task: other.for_fold(fold) for task, other in others.items()}
+    if core.inputs.text == "caption":   # never texts that carry the test labels of what is scored
+        others = {task: other.check_texts(False) for task, other in others.items()}
+    samples_of = {task: cross_samples(other, task, fold) for task, other in others.items()}
+    views = views if views is not None else config.eval_views
+    samples, missing = evaluate(model, config, others, accelerator, views, samples_of)
+    samples = {task: restrict(records, trained[task], others[task], task, shared[task])
+               for task, records in samples.items()}
+    scored = {task: dataclasses.replace(other, label_names=shared[task] if task != "au" else other.label_names,
+                                        au_names=shared[task] if task == "au" else other.au_names)
+              for task, other in others.items()}
+    results = score(samples, scored, missing)
+    results["views"] = views or "all"
+    results["datasets"] = {task: {"dataset": other.dataset, "fold": fold, "shared": shared[task],
+                                  "trained_on": trained[task].dataset} for task, other in others.items()}
+    if accelerator.is_main_process:
+        name = "-".join(other.dataset for other in others.values())
+        write_results(run, samples, results, scored, f"eval-{name}-views{views or 'all'}")
+        results["written"] = f"eval-{name}-views{views or 'all'}.json"
     return results

@@ -36,8 +36,8 @@ from affectprep import schema as S
 from affectprep.config import ConfigError, build_dataclass
 from affectprep.store import Store
 
-from .data import (ClipAugment, Split, StoreAudio, StoreAudioFeatures, StoreClips, StoreFeatures, StoreSamples,
-                   collate, select_samples)
+from .data import (ClipAugment, Refinement, Split, StoreAudio, StoreAudioFeatures, StoreClips, StoreFeatures,
+                   StoreSamples, check_jitter, collate, select_samples, stratified_fraction)
 from .registry import ModelInputs, model_builder
 
 ROLES = ("index", "faces", "texts", "features", "text_features", "facs", "audio")
@@ -51,6 +51,10 @@ class TrainConfig:
     model: dict[str, Any] = field(default_factory=dict)
     source: Literal["frames", "features"] = "frames"
     fold: int | None = None                # None: the dataset's fixed train/test split
+    au_fold: int | None = None             # the AU dataset's own fold (SSM pairs them, Table XI); None: `fold`
+    # SSM's data scaling (Fig. 5, Tables S1/S2): train on a seeded, stratified fraction of a task's training part.
+    expression_fraction: float = 1.0
+    au_fraction: float = 1.0
     target_labels: int | None = 5          # labelled training samples per class in a "target" domain (PCA); None: all
     epochs: int = 30
     batch_size: int = 64                   # per optimiser step, over all processes and accumulation steps
@@ -72,10 +76,16 @@ class TrainConfig:
     scale: tuple[float, float] = (0.8, 1.0)   # augmentation: area range of the random square crop
     flip: float = 0.5
     erase: float = 0.25
+    color_jitter: tuple[float, float, float, float] = (0.0, 0.0, 0.0, 0.0)   # brightness, contrast, saturation, hue
+    rotation: float = 0.0                  # maximum rotation angle in degrees (GReFEL's heavy augmentation)
+    # GReFEL's Data Refinement (§4): per epoch, N_pg images of each video or face group, then B per expression.
+    refine_per_group: int | None = None    # N_pg; None: every image of a group
+    refine_per_class: int | None = None    # B; None (with refine_per_group None too): no refinement
 
     def __post_init__(self) -> None:
         at_least = {"epochs": 1, "batch_size": 1, "grad_accum": 1, "eval_every": 1, "num_workers": 0,
-                    "shuffle_buffer": 0, "target_labels": 1, "eval_views": 1}
+                    "shuffle_buffer": 0, "target_labels": 1, "eval_views": 1, "au_fold": 1,
+                    "refine_per_group": 1, "refine_per_class": 1}
         for name, low in at_least.items():
             value = getattr(self, name)
             if value is not None and value < low:
@@ -83,6 +93,14 @@ class TrainConfig:
         if self.lr <= 0 or self.warmup_epochs < 0 or self.weight_decay < 0:
             raise ConfigError(f"train: lr must be positive and warmup_epochs, weight_decay not negative, got "
                               f"lr={self.lr}, warmup_epochs={self.warmup_epochs}, weight_decay={self.weight_decay}")
+        try:
+            check_jitter(self.color_jitter, self.rotation)
+        except ValueError as e:
+            raise ConfigError(f"train: {e}") from None
+        for name in ("expression_fraction", "au_fraction"):
+            if not 0 < getattr(self, name) <= 1:
+                raise ConfigError(f"train.{name} must lie in (0, 1], got {getattr(self, name)} (no data of a task: "
+                                  f"train without its dataset)")
         if not (0 < self.scale[0] <= self.scale[1] <= 1 and 0 <= self.flip <= 1 and 0 <= self.erase <= 1):
             raise ConfigError(f"train: scale must be an area range inside (0, 1] and flip, erase probabilities, got "
                               f"scale={self.scale}, flip={self.flip}, erase={self.erase}")
@@ -175,6 +193,12 @@ def build_model(config: TrainConfig, sources: dict[str, Sources]) -> nn.Module:
         raise ConfigError(str(e)) from None
     accepts = inspect.signature(builder).parameters
     options = dict(config.model)
+    if "tasks" in accepts and "tasks" not in options:
+        # A model of several tasks that can learn one alone (SSM's STL rows) learns those the run has data for:
+        # an expression dataset without an AU dataset trains expressions only, and the reverse.
+        options["tasks"] = [task for task in sources if task in ("expression", "au")]
+        if len(options["tasks"]) == 1 and "dpm" in accepts:
+            options.setdefault("dpm", False)   # DPM maps between the two tasks' prototypes
     expression = sources.get("expression")
     if expression is not None:
         options.setdefault("num_classes", len(expression.label_names))
@@ -238,11 +262,23 @@ def folds_of(sources: Sources) -> list[int]:
     return sorted({f for f in folds if f})
 
 
+def task_fold(config: TrainConfig, task: str) -> int | None:
+    """The official fold `task` tests on: an AU dataset's own `au_fold` where given (SSM pairs an expression fold
+    with an AU fold independently, §IV-D and Table XI), else the run's `fold`."""
+    return config.au_fold if task == "au" and config.au_fold is not None else config.fold
+
+
 def samples_for(sources: Sources, config: TrainConfig, part: str, task: str) -> list[dict]:
+    """The index rows of a task's `part`; for "train", the task's fraction of them (expression_fraction,
+    au_fraction)."""
     try:
-        return select_samples(sources.store("index"), Split(config.fold), part, task)
+        samples = select_samples(sources.store("index"), Split(task_fold(config, task)), part, task)
+        fraction = {"expression": config.expression_fraction, "au": config.au_fraction}.get(task, 1.0)
+        return stratified_fraction(samples, fraction, config.seed) if part == "train" else samples
     except ValueError as e:
-        raise ConfigError(str(e)) from None
+        hint = ("; choose the AU dataset's fold with --au-fold J (train.au_fold)"
+                if task == "au" and config.au_fold is None else "")
+        raise ConfigError(f"{e}{hint}") from None
 
 
 def texts_for(sources: Sources, samples: list[dict]) -> dict[str, str]:
@@ -267,8 +303,10 @@ def make_dataset(model: nn.Module, config: TrainConfig, sources: Sources, sample
 
 def _dataset(inputs: ModelInputs, config: TrainConfig, sources: Sources, samples: list[dict], *, train: bool,
              rank: int, world_size: int, view: int | None, max_views: int | None) -> StoreSamples:
+    refine = (Refinement(config.refine_per_class, config.refine_per_group)
+              if train and (config.refine_per_class or config.refine_per_group) else None)
     common = dict(view=view, max_views=max_views, shuffle_buffer=config.shuffle_buffer if train else 0,
-                  seed=config.seed, rank=rank, world_size=world_size, drop_remainder=train)
+                  seed=config.seed, rank=rank, world_size=world_size, drop_remainder=train, refine=refine)
     cached_text = config.source == "features" and "text_features" in sources.stores
     texts = texts_for(sources, samples) if inputs.text == "caption" and not cached_text else None
     if config.source == "features" and inputs.audio:
@@ -281,7 +319,8 @@ def _dataset(inputs: ModelInputs, config: TrainConfig, sources: Sources, samples
     if train and inputs.real_landmarks:
         _require_real_landmarks(sources.store("faces"), samples, config.model_name)
     augment = ClipAugment(size=inputs.image_size, train=train, scale=config.scale, flip=config.flip,
-                          erase=config.erase, mean=inputs.mean, std=inputs.std)
+                          erase=config.erase, mean=inputs.mean, std=inputs.std, color_jitter=config.color_jitter,
+                          rotation=config.rotation)
     return StoreClips(sources.store("faces"), samples, augment=augment, landmarks=inputs.landmarks, texts=texts,
                       num_frames=inputs.frames, **common)
 

@@ -44,7 +44,7 @@ from .data import DOMAINS, class_weights_from_labels, few_labels, with_domain
 from .evaluate import evaluate, score, summary_line, write_results
 from .layers.optim import parameter_groups
 from .runs import (RunFolder, Sources, TrainConfig, build_model, git_state, make_dataset, make_loader,
-                   samples_for)
+                   samples_for, task_fold)
 
 CHECKPOINTS_KEPT = 1
 
@@ -58,7 +58,7 @@ def train(config: TrainConfig, sources: dict[str, Sources], runs_dir: Path = Pat
     `--resume` goes on from there.
     """
     set_seed(config.seed)
-    sources = {task: s.for_fold(config.fold) for task, s in sources.items()}   # the fold's own texts
+    sources = {task: s.for_fold(task_fold(config, task)) for task, s in sources.items()}   # the fold's own texts
     model = build_model(config, sources)
     if model.inputs.text == "caption":   # never texts that carry the test fold's labels, unless told
         sources = {task: s.check_texts(config.allow_leaky_text) for task, s in sources.items()}
@@ -240,7 +240,8 @@ def _open_run(accelerator: Accelerator, config: TrainConfig, sources: dict[str, 
         return RunFolder(resume)
     name = None
     if accelerator.is_main_process:
-        fold = f"-fold{config.fold}" if config.fold is not None else ""
+        fold = (f"-fold{config.fold}" if config.fold is not None else "") + (
+            f"-aufold{config.au_fold}" if config.au_fold is not None else "")
         stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
         base = Path(runs_dir) / f"{config.model_name}-{next(iter(sources.values())).dataset}{fold}-{stamp}"
         path = next(p for p in (base if i == 0 else base.with_name(f"{base.name}-{i}") for i in count())

@@ -220,3 +220,122 @@ def test_shard_is_balanced_and_exact():
     assert {len(s) for s in shards} <= {2, 3}
     with pytest.raises(ValueError, match="rank must lie"):
         shard(items, 4, 4)
+
+
+def test_a_stratified_fraction_keeps_each_class_share_and_depends_only_on_the_seed():
+    from collections import Counter
+
+    from affectprep.models.data import stratified_fraction
+
+    samples = [{"sample_id": f"s{i:03d}", "label": label} for i, label in enumerate([0] * 50 + [1] * 30 + [2] * 20)]
+    picked = stratified_fraction(samples, 0.2, seed=7)
+    assert Counter(s["label"] for s in picked) == {0: 10, 1: 6, 2: 4}
+    assert picked == sorted(picked, key=lambda s: s["sample_id"])
+    assert picked == stratified_fraction(samples, 0.2, seed=7)
+    assert picked != stratified_fraction(samples, 0.2, seed=8)
+    assert stratified_fraction(samples, 1.0, seed=7) == samples
+    # Remainders: 0.25 of 3 + 3 + 2 = 2 samples, from the strata with the largest remainders (0.75, 0.75; not 0.5).
+    few = [{"sample_id": f"t{i}", "label": label} for i, label in enumerate([0, 0, 0, 1, 1, 1, 2, 2])]
+    assert sorted(s["label"] for s in stratified_fraction(few, 0.25, seed=1)) == [0, 1]
+    # AU samples: stratified by their occurrence pattern (NaN unknown is a value of its own).
+    aus = [{"sample_id": f"a{i:02d}", "label": -1, "au": [float(i % 2), float("nan") if i % 3 else 1.0]}
+           for i in range(60)]
+    patterns = Counter(tuple(str(v) for v in s["au"]) for s in stratified_fraction(aus, 0.5, seed=3))
+    assert sorted(patterns.values()) == [5, 5, 10, 10]
+    with pytest.raises(ValueError, match=r"\(0, 1\]"):
+        stratified_fraction(samples, 0.0, seed=7)
+
+
+def test_rotation_turns_every_frame_and_moves_the_landmarks_with_it():
+    # A dark clip with one bright dot, its landmark on the dot; rotated by exactly 90 degrees (the range's ends).
+    frames = np.zeros((3, 40, 40, 3), np.uint8)
+    frames[:, 8, 30] = 255                                   # row 8, column 30
+    points = np.array([[[30.5 / 40, 8.5 / 40]]] * 3, np.float32)
+    augment = ClipAugment(size=40, scale=(1.0, 1.0), flip=0.0, erase=0.0, rotation=90.0, mean=(0, 0, 0),
+                          std=(1, 1, 1), seed=0)
+    for seed in range(5):
+        clip, moved = augment.with_landmarks(frames, points, np.random.default_rng(seed))
+        brightest = [np.unravel_index(int(c[0].argmax()), c[0].shape) for c in clip.numpy()]
+        assert len(set(brightest)) == 1                      # one angle for the whole clip
+        row, column = brightest[0]
+        assert moved[0, 0].numpy() * 40 == pytest.approx([column + 0.5, row + 0.5], abs=1.0)
+    # A 90-degree turn, counter-clockwise as OpenCV's angle is: (x, y) -> (y, W - 1 - x) about the centre.
+    unrotated = ClipAugment(size=40, scale=(1.0, 1.0), flip=0.0, erase=0.0, rotation=0.0, mean=(0, 0, 0),
+                              std=(1, 1, 1))
+    from affectprep.models.data import _rotate
+    turned, turned_points = _rotate(frames, points, 90.0)
+    assert turned[0, 40 - 1 - 30, 8].max() == 255 and turned_points[0, 0] * 40 == pytest.approx([8.5, 9.5], abs=1e-4)
+    assert torch.equal(unrotated(frames), ClipAugment(size=40, scale=(1.0, 1.0), flip=0.0, erase=0.0,
+                                                        mean=(0, 0, 0), std=(1, 1, 1))(frames))
+
+
+def test_colour_jitter_changes_colours_alike_in_every_frame_and_hue_alone_keeps_brightness(stores):
+    clip = _clip(stores)
+    plain = ClipAugment(size=32, scale=(1.0, 1.0), flip=0.0, erase=0.0, seed=0)(clip)
+    # Off by default: the same draws and pixels as before jitter existed.
+    assert torch.equal(plain, ClipAugment(size=32, scale=(1.0, 1.0), flip=0.0, erase=0.0, seed=0,
+                                          color_jitter=(0, 0, 0, 0))(clip))
+    same = np.repeat(clip[:1], len(clip), axis=0)
+    unit = dict(size=32, scale=(1.0, 1.0), flip=0.0, erase=0.0, mean=(0, 0, 0), std=(1, 1, 1))
+    for strengths in ((0.4, 0, 0, 0), (0, 0.4, 0, 0), (0, 0, 0.4, 0), (0, 0, 0, 0.1), (0.4, 0.4, 0.4, 0.1)):
+        before = ClipAugment(**unit)(same)
+        after = ClipAugment(**unit, color_jitter=strengths, seed=3)(same)
+        assert not torch.allclose(after, before, atol=1e-3), strengths
+        assert all(torch.equal(after[0], frame) for frame in after), strengths   # one draw per clip
+    # Brightness scales every value by one factor (where nothing saturates).
+    before = ClipAugment(**unit)(same)
+    bright = ClipAugment(**unit, color_jitter=(0.4, 0, 0, 0), seed=3)(same)
+    ratio = (bright / before.clamp_min(1e-3))[(before > 0.05) & (bright < 0.99)]
+    assert ratio.std() < 1e-3 and 0.6 <= ratio.mean() <= 1.4
+    # A hue turn keeps each pixel's max and min channel (HSV's value and saturation).
+    hue = ClipAugment(**unit, color_jitter=(0, 0, 0, 0.2), seed=5)(same)
+    assert torch.allclose(hue.amax(1), before.amax(1), atol=2e-3) and torch.allclose(hue.amin(1), before.amin(1),
+                                                                                     atol=2e-3)
+    with pytest.raises(ValueError, match="hue <= 0.5"):
+        ClipAugment(color_jitter=(0, 0, 0, 0.7))
+
+
+def test_refinement_draws_n_pg_per_group_then_b_per_class_each_epoch():
+    from collections import Counter
+
+    from affectprep.models.data import Refinement
+
+    # 3 videos of class 0 with 10 frames each, 1 video of class 1 with 4 frames, 2 unlabelled samples.
+    samples = ([(f"v{v}-{i}", 0, f"v{v}") for v in range(3) for i in range(10)]
+               + [(f"w-{i}", 1, "w") for i in range(4)] + [("u1", -1, "u1"), ("u2", -1, "u2")])
+    rng = lambda epoch: np.random.default_rng([0, epoch])  # noqa: E731
+    pooled = Refinement(per_group=2).draw(samples, rng(0))
+    assert Counter(s.split("-")[0] for s in pooled) == {"v0": 2, "v1": 2, "v2": 2, "w": 2, "u1": 1, "u2": 1}
+    drawn = Refinement(per_class=5, per_group=2).draw(samples, rng(0))
+    label = {sid: label for sid, label, _ in samples}
+    assert Counter(label[s] for s in drawn) == {0: 5, 1: 5, -1: 2}
+    # Class 0's 5 come from its pool of 6, without repeats; class 1's pool of 2 repeats up to 5.
+    assert len({s for s in drawn if label[s] == 0}) == 5 and len({s for s in drawn if label[s] == 1}) == 2
+    assert drawn == Refinement(per_class=5, per_group=2).draw(samples, rng(0))
+    assert drawn != Refinement(per_class=5, per_group=2).draw(samples, rng(1))
+    with pytest.raises(ValueError, match="per_class must be at least 1"):
+        Refinement(per_class=0)
+
+
+def test_a_refined_store_epoch_yields_b_clips_per_class_and_len_agrees(stores):
+    from collections import Counter
+
+    from affectprep.models.data import Refinement
+
+    faces, index = stores
+    samples = _samples(index)           # 20 samples, 10 per class, each its own clip
+    data = StoreClips(faces, samples, augment=ClipAugment(size=32), shuffle_buffer=4, seed=1,
+                      refine=Refinement(per_class=7))
+    labels = {s["sample_id"]: s["label"] for s in samples}
+    for epoch in (0, 1):
+        data.set_epoch(epoch)
+        items = list(data)
+        assert len(items) == len(data) == 14
+        assert Counter(labels[item["sample_id"]] for item in items) == {0: 7, 1: 7}
+    first = sorted(item["sample_id"] for item in (data.set_epoch(0), list(data))[1])
+    second = sorted(item["sample_id"] for item in (data.set_epoch(1), list(data))[1])
+    assert first != second
+    # Over-sampling: 12 per class from 10 repeats two of each class within the epoch.
+    data = StoreClips(faces, samples, augment=ClipAugment(size=32), shuffle_buffer=0, refine=Refinement(per_class=12))
+    counts = Counter(item["sample_id"] for item in data)
+    assert sum(counts.values()) == 24 and max(counts.values()) == 2 and len(counts) == 20

@@ -13,6 +13,7 @@ import dataclasses
 import inspect
 import json
 import math
+from collections import Counter
 from pathlib import Path
 
 import cv2
@@ -178,6 +179,33 @@ def test_grefel_refuses_template_landmarks_unless_told(grefel_run, tmp_path):
     model = build_model(config, {"expression": real})
     samples = samples_for(real, config, "train", "expression")
     assert len(make_dataset(model, config, real, samples, train=True)) > 0
+
+
+def test_grefel_trains_on_refined_class_balanced_epochs_with_heavy_augmentation(project, tmp_path):
+    """§4: B images per expression per epoch (from N_pg per face group; each photo is its own group here), with
+    rotation and colour jitter on top of the crop and flip."""
+    labels: list[int] = []
+    original = GReFEL.loss
+
+    def recording(self, outputs, batches, class_weights=None):
+        labels.extend(batches["expression"]["labels"].tolist())
+        return original(self, outputs, batches, class_weights)
+
+    sources = {"expression": resolve_sources(project, "visible")}
+    config = TrainConfig(**{**GREFEL, "epochs": 1, "eval_every": 1, "refine_per_group": 512, "refine_per_class": 3,
+                            "rotation": 15.0, "color_jitter": (0.4, 0.4, 0.4, 0.1)})
+    lines: list[str] = []
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(GReFEL, "loss", recording)
+        run = RunFolder(train(config, sources, tmp_path, echo=lines.append))
+    assert Counter(labels) == {c: 3 for c in range(CLASSES)}      # TRAIN_PER_CLASS = 10 images per class
+    assert any(f"{3 * CLASSES} training samples" in line for line in lines)
+    saved = run.config()
+    assert (saved.refine_per_class, saved.rotation, saved.color_jitter) == (3, 15.0, (0.4, 0.4, 0.4, 0.1))
+    model = run.trained_model()
+    augment = make_dataset(model, saved, sources["expression"], samples_for(sources["expression"], saved, "train",
+                                                                            "expression"), train=True).augment
+    assert (augment.rotation, augment.color_jitter) == (15.0, (0.4, 0.4, 0.4, 0.1))
 
 
 @pytest.mark.parametrize("ablation", ABLATIONS, ids=lambda a: f"{a.table}: {a.row}")

@@ -11,23 +11,26 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+from collections import Counter
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import cv2
 import pyarrow.parquet as pq
 import pytest
 
-from affectprep.config import DatasetConfig, ProjectConfig, write_project
+from affectprep.config import ConfigError, DatasetConfig, ProjectConfig, write_project
 from affectprep.labels import BP4D_AUS
-from affectprep.models.evaluate import evaluate_run
+from affectprep.models.evaluate import evaluate_on, evaluate_run
 from affectprep.models.explain import explain_sample
 from affectprep.models.registry import model_ablations
-from affectprep.models.runs import RunFolder, TrainConfig
+from affectprep.models.runs import RunFolder, Sources, TrainConfig, samples_for
 from affectprep.models.train import train
 from affectprep.pipeline.dag import run_pipeline
 from affectprep.pipeline.datasets.bp4d import FOLDS
-from affectprep.pipeline.demo import EXPRESSIONS, make_demo_dataset, render_frames
+from affectprep.pipeline.demo import DFEW_LABELS, EXPRESSIONS, make_demo_dataset, render_clip, render_frames
 from affectprep.train_sources import resolve_sources
 
 STAGES = {"faces": {"backend": "haar"}, "captions": {"captioner": "motion"}, "cate": {"llm": "template"}}
@@ -87,6 +90,36 @@ def ssm_project(tmp_path_factory) -> ProjectConfig:
     for stage in ("faces", "facs"):
         assert run_pipeline(project, stage, ["bp4d"], scheduler="inline", progress=False).failed == 0
     return project
+
+
+def make_rendered_ferv39k(root: Path, per_class: tuple[int, int] = (2, 1)) -> Path:
+    """FERV39k's layout (one fixed split): `per_class` (train, test) clips of each demo expression, as frame
+    folders of the demo's face rendered with that expression."""
+    setups = root / "4_setups" / "All_scenes"
+    setups.mkdir(parents=True)
+    lines = {"train": [], "test": []}
+    for c, label in enumerate(DFEW_LABELS):
+        for n in range(sum(per_class)):
+            split = "train" if n < per_class[0] else "test"
+            clip = f"Scene/{label.capitalize()}/{c * 10 + n:04d}"
+            folder = root / "2_ClipsforFaceCrop" / clip
+            folder.mkdir(parents=True)
+            for i, frame in enumerate(render_frames(label, seed=1000 + 10 * c + n, num_frames=8)):
+                assert cv2.imwrite(str(folder / f"{i + 1:04d}.jpg"), cv2.cvtColor(frame, cv2.COLOR_RGB2BGR))
+            lines[split].append(f"{clip} {label.capitalize()}\n")
+    for split, text in lines.items():
+        (setups / f"{split}_All.csv").write_text("".join(text))
+    return root
+
+
+@pytest.fixture(scope="module")
+def ferv39k_sources(ssm_project) -> Sources:
+    """A FERV39k-layout dataset (fixed split) in the SSM project's cache, with faces and FACS."""
+    root = make_rendered_ferv39k(ssm_project.cache.parent / "FERV39k")
+    project = dataclasses.replace(ssm_project, datasets={"ferv39k": DatasetConfig("ferv39k", "ferv39k", root)})
+    for stage in ("faces", "facs"):
+        assert run_pipeline(project, stage, ["ferv39k"], scheduler="inline", progress=False).failed == 0
+    return resolve_sources(project, "ferv39k")
 
 
 @pytest.fixture(scope="module")
@@ -153,6 +186,156 @@ def test_explain_draws_the_learnt_dpm_maps_of_the_run(ssm_run, ssm_sources):
     assert image is not None and min(image.shape[:2]) > 200
 
 
+def test_ssm_pairs_an_expression_fold_with_an_au_fold_of_its_own(ssm_sources, tmp_path):
+    """DFEW fold 5 with BP4D fold 2 (the paper's ablations: DFEW fold 5 with each BP4D fold; Table XI crosses them)."""
+    config = TrainConfig(**{**SSM, "fold": 5, "au_fold": 2, "epochs": 1, "eval_every": 1})
+    run = RunFolder(train(config, ssm_sources, tmp_path, echo=lambda line: None))
+    assert "-fold5-aufold2-" in run.path.name
+    assert (run.config().fold, run.config().au_fold) == (5, 2)
+    stores = run.read_json("stores.json")
+    assert stores["expression"]["test_fold"] == 5 and stores["au"]["test_fold"] == 2
+    predictions = pq.read_table(run.path / "results-predictions.parquet").to_pylist()
+    for task, fold in (("expression", 5), ("au", 2)):
+        rows = ssm_sources[task].store("index").read().to_pylist()
+        assert sorted(p["sample_id"] for p in predictions if p["task"] == task) == \
+            sorted(r["sample_id"] for r in rows if r["fold"] == fold)
+
+
+def test_ssm_without_an_au_fold_says_to_pair_one_when_the_folds_differ(ssm_sources, tmp_path):
+    config = TrainConfig(**{**SSM, "fold": 5, "epochs": 1})
+    with pytest.raises(ConfigError, match=r"no fold 5.*--au-fold"):
+        train(config, ssm_sources, tmp_path, echo=lambda line: None)
+
+
+def test_ssm_trains_ferv39k_s_fixed_split_with_a_bp4d_fold(ssm_sources, ferv39k_sources, tmp_path):
+    sources = {"expression": ferv39k_sources, "au": ssm_sources["au"]}
+    config = TrainConfig(**{**SSM, "fold": None, "au_fold": 3, "epochs": 1, "eval_every": 1})
+    run = RunFolder(train(config, sources, tmp_path, echo=lambda line: None))
+    predictions = pq.read_table(run.path / "results-predictions.parquet").to_pylist()
+    tested = sorted(p["sample_id"] for p in predictions if p["task"] == "expression")
+    assert tested == sorted(r["sample_id"] for r in ferv39k_sources.store("index").read().to_pylist()
+                            if r["split"] == "test")
+    au_rows = ssm_sources["au"].store("index").read().to_pylist()
+    assert sorted(p["sample_id"] for p in predictions if p["task"] == "au") == \
+        sorted(r["sample_id"] for r in au_rows if r["fold"] == 3)
+    assert run.read_json("stores.json")["au"]["test_fold"] == 3
+    # Without an AU fold, the fixed split cannot choose one for BP4D (it has folds only).
+    with pytest.raises(ConfigError, match=r"no fixed split: choose a fold.*--au-fold"):
+        train(dataclasses.replace(config, au_fold=None), sources, tmp_path, echo=lambda line: None)
+
+
+def test_ssm_with_an_expression_dataset_alone_trains_expressions_only(ssm_project, tmp_path):
+    """The STL rows: `affectprep train ssm --dataset demo --fold 1` without an AU dataset."""
+    out = subprocess.run([sys.executable, "-m", "affectprep", "train", "ssm", "--tiny", "--config",
+                          str(ssm_project.path), "--dataset", "demo", "--fold", "1", "--runs", str(tmp_path),
+                          *(f"--set={k}={v}" for k, v in (("epochs", 1), ("batch_size", 8), ("num_workers", 0)))],
+                         capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr
+    (path,) = tmp_path.glob("ssm-demo-fold1-*")
+    run = RunFolder(path)
+    assert run.read_json("config.json")["tasks"] == ["expression"]
+    model = run.trained_model()
+    assert model.tasks == ("expression",) and model.dpm is None and not hasattr(model, "au_temporal")
+    results = run.read_json("results.json")
+    assert "expression" in results and "au" not in results
+    assert set(run.read_json("metrics.json")[0]) >= {"loss", "dfe"}
+
+
+def test_ssm_with_an_au_dataset_alone_trains_aus_only(ssm_sources, tmp_path):
+    config = TrainConfig(**{**SSM, "fold": 2, "epochs": 1, "eval_every": 1})
+    run = RunFolder(train(config, {"au": ssm_sources["au"]}, tmp_path, echo=lambda line: None))
+    model = run.trained_model()
+    assert model.tasks == ("au",) and model.dpm is None and not hasattr(model, "expression_temporal")
+    results = run.read_json("results.json")
+    assert "au" in results and "expression" not in results
+    assert run.read_json("stores.json")["au"]["test_fold"] == 2
+
+
+def test_au_and_expression_fractions_train_on_a_stratified_part_of_their_task_only(ssm_sources):
+    full = TrainConfig(**SSM)
+    half = TrainConfig(**{**SSM, "au_fraction": 0.5, "expression_fraction": 0.25})
+    for task, fraction in (("au", 0.5), ("expression", 0.25)):
+        everything = samples_for(ssm_sources[task], full, "train", task)
+        part = samples_for(ssm_sources[task], half, "train", task)
+        assert len(part) == round(fraction * len(everything)) and {s["sample_id"] for s in part} < \
+            {s["sample_id"] for s in everything}
+        # The test part is never thinned.
+        assert samples_for(ssm_sources[task], half, "test", task) == samples_for(ssm_sources[task], full, "test", task)
+    # Every BP4D task's frames share one AU pattern: half of each task's frames train.
+    tasks = Counter(s["sample_id"].split("_")[1] for s in samples_for(ssm_sources["au"], half, "train", "au"))
+    assert set(tasks.values()) == {len(AU_CODED)}
+    with pytest.raises(ConfigError, match="au_fraction must lie in"):
+        TrainConfig(au_fraction=0)
+
+
+DISFA_SUBJECTS = {"SN001": "happy", "SN003": "surprise", "SN013": "angry"}   # one per DISFA fold
+
+
+def make_rendered_disfa(root: Path) -> Path:
+    """DISFA's layout: a left-camera video per subject (the demo face rendered with one expression) and per-AU
+    intensity files coding AU_CODED frames, 3 for each DISFA AU the expression moves and 0 for the others."""
+    from affectprep.labels import DISFA_AUS
+
+    for s, (subject, expression) in enumerate(DISFA_SUBJECTS.items()):
+        render_clip(expression, root / "Videos_LeftCamera" / f"LeftVideo{subject}_comp.avi", seed=500 + s,
+                    num_frames=AU_FRAMES, size=(320, 240))
+        folder = root / "ActionUnit_Labels" / subject
+        folder.mkdir(parents=True)
+        for au in DISFA_AUS:
+            value = 3 if f"AU{au}" in EXPRESSIONS[expression] else 0
+            (folder / f"{subject}_au{au}.txt").write_text("".join(f"{n},{value}\n" for n in AU_CODED))
+    return root
+
+
+@pytest.fixture(scope="module")
+def cross_project(ssm_project, ferv39k_sources) -> ProjectConfig:
+    """The SSM project with FERV39k and DISFA beside DFEW and BP4D (Table X's zero-shot pair), in one project file."""
+    root = make_rendered_disfa(ssm_project.cache.parent / "DISFA")
+    project = dataclasses.replace(ssm_project, path=ssm_project.path.with_name("cross.toml"), datasets={
+        **ssm_project.datasets, "ferv39k": DatasetConfig("ferv39k", "ferv39k", ssm_project.cache.parent / "FERV39k"),
+        "disfa": DatasetConfig("disfa", "disfa", root, {"window": 4})})
+    write_project(project)
+    for stage in ("faces", "facs"):
+        assert run_pipeline(project, stage, ["disfa"], scheduler="inline", progress=False).failed == 0
+    return project
+
+
+def test_a_run_on_bp4d_and_dfew_is_scored_zero_shot_on_disfa_and_ferv39k(ssm_run, cross_project):
+    """SSM Table X through the CLI: DISFA's five AUs shared with BP4D, FERV39k's seven classes."""
+    out = subprocess.run([sys.executable, "-m", "affectprep", "eval", str(ssm_run), "--config", str(cross_project.path),
+                          "--dataset", "ferv39k", "--dataset", "disfa"], capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr
+    results = json.loads((ssm_run / "eval-ferv39k-disfa-viewsall.json").read_text())
+    assert results["datasets"]["au"]["shared"] == ["AU1", "AU2", "AU4", "AU6", "AU12"]
+    assert results["datasets"]["expression"]["shared"] == resolve_sources(cross_project, "ferv39k").label_names
+    assert set(results["au"]["f1"]) == {"AU1", "AU2", "AU4", "AU6", "AU12"}
+    predictions = pq.read_table(ssm_run / "eval-ferv39k-disfa-viewsall-predictions.parquet").to_pylist()
+    disfa = resolve_sources(cross_project, "disfa").store("index").read().to_pylist()
+    ferv = resolve_sources(cross_project, "ferv39k").store("index").read().to_pylist()
+    # DISFA has folds only: every sample is scored (the model saw none); FERV39k: its test split.
+    assert sorted(p["sample_id"] for p in predictions if p["task"] == "au") == sorted(r["sample_id"] for r in disfa)
+    assert sorted(p["sample_id"] for p in predictions if p["task"] == "expression") == \
+        sorted(r["sample_id"] for r in ferv if r["split"] == "test")
+    # The AU labels scored are DISFA's, read at the shared AUs: happy's AU6 and AU12 on SN001's frames.
+    happy = next(p for p in predictions if p["task"] == "au" and p["sample_id"].startswith("SN001"))
+    assert happy["au"] == [0, 0, 0, 1, 1] and len(happy["au_scores"]) == 5
+    assert all(abs(sum(p["probabilities"]) - 1) < 1e-5 for p in predictions if p["task"] == "expression")
+    assert "AU F1" in out.stdout and "written:" in out.stdout
+    # One fold of DISFA: its test subject only.
+    fold = evaluate_on(ssm_run, {"au": resolve_sources(cross_project, "disfa")}, fold=1)
+    assert fold["datasets"]["au"]["fold"] == 1 and fold["au"]["f1"].keys() == results["au"]["f1"].keys()
+
+
+def test_cross_dataset_evaluation_says_in_one_line_when_nothing_is_shared(ssm_run, cross_project, ferv39k_sources):
+    strangers = dataclasses.replace(ferv39k_sources, label_names=["calm", "bored"])
+    with pytest.raises(ConfigError, match=r"shares no classes with the run's 'demo' \(calm, bored against happy"):
+        evaluate_on(ssm_run, {"expression": strangers})
+    out = subprocess.run([sys.executable, "-m", "affectprep", "eval", str(ssm_run), "--config", str(cross_project.path),
+                          "--dataset", "disfa", "--dataset", "bp4d"], capture_output=True, text=True, timeout=600)
+    assert out.returncode == 2 and "Traceback" not in out.stderr and len(out.stderr.strip().splitlines()) == 1
+    assert "both au datasets" in out.stderr
+
+
 # Each distinct option set of SSM's registered ablation rows (many rows share one: the full model recurs in
 # every table), as (rows, options).
 ABLATION_SETS: dict[str, tuple[list[str], dict]] = {}
@@ -163,17 +346,16 @@ TRAIN_OPTIONS = {f.name for f in dataclasses.fields(TrainConfig)}
 
 
 @pytest.mark.parametrize("key", list(ABLATION_SETS), ids=[rows[0] for rows, _ in ABLATION_SETS.values()])
-def test_every_ssm_ablation_row_trains_one_tiny_epoch(key, ssm_sources, tmp_path):
+def test_every_ssm_ablation_row_trains_one_tiny_epoch(key, ssm_sources, ferv39k_sources, tmp_path):
     rows, options = ABLATION_SETS[key]
     model = {name[len("model."):]: value for name, value in options.items() if name.startswith("model.")}
     train_options = {name: value for name, value in options.items() if not name.startswith("model.")}
-    unknown = set(train_options) - TRAIN_OPTIONS
-    if unknown:
-        pytest.skip(f"training option(s) {sorted(unknown)} not in TrainConfig yet (rows {rows})")
-    if train_options.get("fold", 1) is None:
-        train_options["fold"] = 1    # FERV39k's fixed split: the fixture's expressions have folds; au_fold is tested
+    assert set(train_options) <= TRAIN_OPTIONS, rows
     tasks = model.get("tasks", ["expression", "au"])
-    sources = {task: ssm_sources[task] for task in tasks}
+    # Table XI's FERV39K rows (fold None): its fixed split, beside a BP4D fold.
+    available = {**ssm_sources, **({"expression": ferv39k_sources} if "fold" in train_options
+                                   and train_options["fold"] is None else {})}
+    sources = {task: available[task] for task in tasks}
     config = TrainConfig(**{**SSM, "epochs": 1, "eval_every": 1, **train_options, "model": model})
     run = RunFolder(train(config, sources, tmp_path, echo=lambda line: None))
     assert run.config().model == model
