@@ -250,6 +250,24 @@ def text_import_batch(stage: Annotated[str, typer.Argument(help="captions or cat
         raise typer.Exit(EXIT_FAILED_SAMPLES)
 
 
+recipe_app = typer.Typer(no_args_is_help=True, help="The models' paper training recipes.")
+app.add_typer(recipe_app, name="recipe")
+
+
+@recipe_app.command("show")
+def recipe_show(model: Annotated[str, typer.Argument(help="A registered model.")],
+                as_json: Annotated[bool, typer.Option("--json", help="One JSON object.")] = False) -> None:
+    """A model's training recipe as its paper gives it: every value with its source, and its ablation rows.
+    `affectprep train MODEL` trains with it; --set KEY=VALUE overrides a value."""
+    from affectprep.models.recipes import recipe_for, table
+    from affectprep.models.registry import list_models
+
+    if model not in list_models():
+        raise ConfigError(f"unknown model '{model}'; registered models: {', '.join(list_models())}")
+    recipe = recipe_for(model).to_json()
+    typer.echo(json.dumps(recipe, indent=2) if as_json else table(recipe))
+
+
 RunArg = Annotated[Path, typer.Argument(help="A run folder written by `affectprep train`.")]
 
 
@@ -301,6 +319,11 @@ def train(model: Annotated[Optional[str], typer.Argument(help="A registered mode
             key, value = _split_setting(item)
             if key.startswith("model."):
                 raw["model"][key[len("model."):]] = value
+            elif "." in key:   # one entry of a table option: batch_size.au=128, group_lr.visual_encoder=1e-6
+                table, entry = key.split(".", 1)
+                if not isinstance(raw.get(table, {}), dict):
+                    raw[table] = {}
+                raw[table] = {**raw.get(table, {}), entry: value}
             else:
                 raw[key] = value
         every_fold = fold == "all"

@@ -24,7 +24,7 @@ from torch import nn
 
 from . import metrics
 from .data import DOMAINS, with_domain
-from .runs import RunFolder, Sources, TrainConfig, make_dataset, make_loader, samples_for
+from .runs import RunFolder, Sources, TrainConfig, make_dataset, make_loader, samples_for, to_device
 
 
 def predict(model: nn.Module, loader, accelerator: Accelerator, domain: int | None = None) -> list[dict[str, Any]]:
@@ -36,6 +36,7 @@ def predict(model: nn.Module, loader, accelerator: Accelerator, domain: int | No
         for batch in loader:
             batch = with_domain(batch, domain)
             # The bare module: ranks may run different numbers of test batches, and DDP's forward may sync buffers.
+            batch = to_device(batch, accelerator.device)   # the registry's device rule: models never move batches
             outputs = core(**core.batch_inputs(batch))
             probabilities = outputs["logits"].float().softmax(-1).cpu() if "logits" in outputs else None
             au_scores = outputs["au_logits"].float().sigmoid().cpu() if "au_logits" in outputs else None
@@ -138,14 +139,17 @@ def summary_line(results: dict[str, Any]) -> str:
 
 
 def evaluate(model: nn.Module, config: TrainConfig, sources: dict[str, Sources], accelerator: Accelerator,
-             views: int | None) -> tuple[dict[str, list[dict[str, Any]]], dict[str, dict[str, str]]]:
-    """Predict the test part of every task with up to `views` views per sample: per task, per-sample records
-    (every process gets them), and the test samples that could not be scored, with why."""
+             views: int | None, part: str = "test") -> tuple[dict[str, list[dict[str, Any]]], dict[str, dict[str, str]]]:
+    """Predict `part` ("test" or "validation") of every task with up to `views` views per sample: per task,
+    per-sample records (every process gets them), and the samples that could not be scored, with why. `config`
+    is resolved. A task without samples in `part` is left out."""
     core = accelerator.unwrap_model(model)
     out, missing = {}, {}
-    per_process = max(1, config.batch_size // (accelerator.num_processes * config.grad_accum))
     for task, task_sources in sources.items():
-        samples = samples_for(task_sources, config, "test", task)
+        per_process = max(1, config.batch_for(task) // (accelerator.num_processes * config.grad_accum))
+        samples = samples_for(task_sources, config, part, task)
+        if not samples:
+            continue
         dataset = make_dataset(core, config, task_sources, samples, train=False, rank=accelerator.process_index,
                                world_size=accelerator.num_processes, view=None, max_views=views)
         loader = make_loader(dataset, per_process, config.num_workers)
@@ -155,7 +159,8 @@ def evaluate(model: nn.Module, config: TrainConfig, sources: dict[str, Sources],
 
 
 def evaluate_run(run_path: Path, views: int | None = None) -> dict[str, Any]:
-    """`affectprep eval RUN`: the last checkpoint's model on the run's test data, written as eval-views<N>.*"""
+    """`affectprep eval RUN`: the run's reported model (its selected epoch's weights) on the run's test data,
+    written as eval-views<N>.*"""
     run = RunFolder(run_path)
     config, sources = run.config(), run.sources()
     accelerator = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=config.mixed_precision)

@@ -6,8 +6,11 @@ reads, how its model and data loaders are built, and its folder.
         stores.json        every store read: dataset, stage and key per role, per task
         git.json           the commit (and whether the tree had uncommitted changes) of the code that trained
         metrics.json       one entry per epoch: losses, learning rate, throughput, test UAR/WAR (or AU F1)
-        results.json       the last evaluation's scores (and the test samples it could not score)
-        results-predictions.parquet   its test predictions: task, sample, label, prediction, probabilities
+        splits.json        the sample ids of train, validation and test, per task (models/splits.py)
+        results.json       the test scores of the selected epoch ("selection": how it was chosen, on validation),
+                           the last epoch's test scores ("last_epoch"), and the test samples it could not score
+        selected-model.pt  the weights of the selected epoch (what eval and explain load)
+        results-predictions.parquet   the selected epoch's test predictions: task, sample, label, prediction, probabilities
         results-confusion.png, results-confusion.txt   its confusion matrix (results-<task>-confusion.* per task)
         checkpoints/epoch-NNN/   accelerate state (model, optimizer, scheduler, RNG) + trainer_state.json
 
@@ -17,7 +20,6 @@ whatever the project config says today.
 from __future__ import annotations
 
 import dataclasses
-import inspect
 import json
 import os
 import subprocess
@@ -36,52 +38,92 @@ from affectprep.store import Store
 
 from .data import (ClipAugment, Split, StoreAudio, StoreAudioFeatures, StoreClips, StoreFeatures, StoreSamples,
                    collate, select_samples)
-from .registry import ModelInputs, model_builder
+from .recipes import recipe_for, with_overrides
+from .splits import hold_out
+from .registry import ModelInputs, model_builder, model_needs
 
+SELECTED_WEIGHTS = "selected-model.pt"   # the model weights of the epoch results.json reports
 ROLES = ("index", "faces", "texts", "features", "text_features", "facs", "audio")
+
+
+# TrainConfig fields whose None means "the model's recipe" (models/recipes.py), and the recipe key each sets.
+RECIPE_FIELDS = {"optimizer": "optimizer", "lr": "param_groups", "group_lr": "param_groups",
+                 "weight_decay": "param_groups", "momentum": "momentum", "betas": "betas", "eps": "eps",
+                 "layer_decay": "layer_decay", "schedule": "schedule", "warmup_epochs": "schedule",
+                 "min_lr": "schedule", "step_size": "schedule", "gamma": "schedule", "epochs": "epochs",
+                 "batch_size": "batch_size", "class_weighting": "class_weighting", "clip_grad": "clip_grad",
+                 "seed": "seed", "scale": "augment", "flip": "augment", "erase": "augment",
+                 "selection": "selection", "val_fraction": "val_fraction"}
 
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """Every knob of a run. Defaults are GRACE's (DESIGN.md §7); `model` holds the model builder's options."""
+    """Every knob of a run. A field left None takes the model's paper recipe (models/recipes.py; `resolved()`
+    fills them in, and the run's config.json holds the resolved config); `model` holds the model builder's
+    options (the recipe's model options are defaults under them)."""
     model_name: str = "grace"
     tiny: bool = False                     # the model's tiny test configuration
     model: dict[str, Any] = field(default_factory=dict)
     source: Literal["frames", "features"] = "frames"
     fold: int | None = None                # None: the dataset's fixed train/test split
     target_labels: int | None = 5          # labelled training samples per class in a "target" domain (PCA); None: all
-    epochs: int = 30
-    batch_size: int = 64                   # per optimiser step, over all processes and accumulation steps
     grad_accum: int = 1
-    lr: float = 1e-3
-    weight_decay: float = 0.05
-    layer_decay: float = 0.75              # models with param_groups(lr, weight_decay, layer_decay)
-    warmup_epochs: float = 5.0
-    optimizer: Literal["adamw", "sgd"] = "adamw"
-    momentum: float = 0.9                  # sgd
-    clip_grad: float | None = 1.0          # max gradient norm; None: no clipping
     mixed_precision: Literal["no", "fp16", "bf16"] = "no"
-    seed: int = 3407
     allow_leaky_text: bool = False         # train on texts that carry the test fold's labels (recorded)
     num_workers: int = 2                   # DataLoader workers per process
     shuffle_buffer: int = 256
-    eval_every: int = 1                    # epochs between test evaluations (the last epoch always evaluates)
+    eval_every: int = 1                    # epochs between evaluations (the last epoch always evaluates)
     eval_views: int | None = None          # views per test sample (multi-view testing); None: every stored view
-    scale: tuple[float, float] = (0.8, 1.0)   # augmentation: area range of the random square crop
-    flip: float = 0.5
-    erase: float = 0.25
+    # ---- from the recipe when None ----
+    epochs: int | None = None
+    batch_size: int | dict[str, Any] | None = None   # per optimiser step, all processes and accumulation steps:
+                                           # one number for every task, or per task ({"au": 128})
+    optimizer: Literal["adamw", "adam", "sgd"] | None = None
+    lr: float | None = None                # the first parameter group's peak lr; the others keep their ratio to it
+    group_lr: dict[str, Any] = field(default_factory=dict)   # one group's lr ({"visual_encoder": 1e-6})
+    weight_decay: float | None = None      # every group's
+    momentum: float | None = None          # sgd
+    betas: tuple[float, float] | None = None   # adam, adamw
+    eps: float | None = None
+    layer_decay: float | None = None       # models that declare layer_decay (GRACE); 1 = none
+    schedule: Literal["cosine", "step", "exponential"] | None = None
+    warmup_epochs: float | None = None
+    min_lr: float | None = None            # cosine: the floor, for the first group (the others keep their ratio)
+    step_size: int | None = None           # step: epochs between decays
+    gamma: float | None = None             # step, exponential: the decay factor
+    clip_grad: float | None = None         # max gradient norm; 0: no clipping
+    seed: int | None = None
+    class_weighting: Literal["inverse_sqrt", "none"] | None = None
+    scale: tuple[float, float] | None = None   # augmentation: area range of the random square crop
+    flip: float | None = None
+    erase: float | None = None
+    selection: Literal["best_val", "last"] | None = None   # the reported epoch: best on validation, or the last
+    val_fraction: float | None = None      # the validation hold-out of the training part (no official validation)
 
     def __post_init__(self) -> None:
-        at_least = {"epochs": 1, "batch_size": 1, "grad_accum": 1, "eval_every": 1, "num_workers": 0,
+        at_least = {"epochs": 1, "grad_accum": 1, "eval_every": 1, "num_workers": 0, "step_size": 1,
                     "shuffle_buffer": 0, "target_labels": 1, "eval_views": 1}
         for name, low in at_least.items():
             value = getattr(self, name)
             if value is not None and value < low:
                 raise ConfigError(f"train.{name} must be at least {low}, got {value}")
-        if self.lr <= 0 or self.warmup_epochs < 0 or self.weight_decay < 0:
-            raise ConfigError(f"train: lr must be positive and warmup_epochs, weight_decay not negative, got "
-                              f"lr={self.lr}, warmup_epochs={self.warmup_epochs}, weight_decay={self.weight_decay}")
-        if not (0 < self.scale[0] <= self.scale[1] <= 1 and 0 <= self.flip <= 1 and 0 <= self.erase <= 1):
+        sizes = self.batch_size.values() if isinstance(self.batch_size, dict) else [self.batch_size]
+        if not all(s is None or (isinstance(s, int) and not isinstance(s, bool) and s >= 1) for s in sizes):
+            raise ConfigError(f"train.batch_size must be a positive number, or one per task, got {self.batch_size}")
+        if isinstance(self.batch_size, dict) and set(self.batch_size) - {"expression", "au", "target"}:
+            raise ConfigError(f"train.batch_size: tasks are expression, au and target, got {sorted(self.batch_size)}")
+        rates = [self.lr, *self.group_lr.values()]
+        if not all(r is None or (isinstance(r, (int, float)) and r > 0) for r in rates):
+            raise ConfigError(f"train: learning rates must be positive, got lr={self.lr}, group_lr={self.group_lr}")
+        for name in ("warmup_epochs", "weight_decay", "min_lr", "clip_grad", "momentum", "eps"):
+            if (getattr(self, name) or 0) < 0:
+                raise ConfigError(f"train.{name} must not be negative, got {getattr(self, name)}")
+        if self.gamma is not None and not 0 < self.gamma <= 1:
+            raise ConfigError(f"train.gamma must lie in (0, 1], got {self.gamma}")
+        if self.val_fraction is not None and not 0 <= self.val_fraction < 1:
+            raise ConfigError(f"train.val_fraction must lie in [0, 1), got {self.val_fraction}")
+        scale = self.scale or (0.5, 1.0)
+        if not (0 < scale[0] <= scale[1] <= 1 and 0 <= (self.flip or 0) <= 1 and 0 <= (self.erase or 0) <= 1):
             raise ConfigError(f"train: scale must be an area range inside (0, 1] and flip, erase probabilities, got "
                               f"scale={self.scale}, flip={self.flip}, erase={self.erase}")
 
@@ -91,6 +133,88 @@ class TrainConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return json.loads(json.dumps(dataclasses.asdict(self)))
+
+    # ---- the recipe ------------------------------------------------------------------------------------------
+
+    def resolved(self) -> "TrainConfig":
+        """This config with every field left None taken from the model's recipe; batch_size one per task and
+        group_lr one per recipe group. Idempotent."""
+        recipe = recipe_for(self.model_name)
+        groups = {g["name"]: g for g in recipe.param_groups}
+        first = recipe.param_groups[0]
+        unknown = set(self.group_lr) - set(groups)
+        if unknown:
+            raise ConfigError(f"train.group_lr: model '{self.model_name}' has parameter groups "
+                              f"{', '.join(groups)}, not {', '.join(sorted(unknown))}")
+        lr = self.lr if self.lr is not None else first["lr"]
+        ratio = 1.0 if self.lr is None else lr / first["lr"]
+        group_lr = {name: float(self.group_lr.get(name, g["lr"] if ratio == 1.0 else g["lr"] * ratio))
+                    for name, g in groups.items()}
+        sizes = dict(recipe.batch_size)
+        if isinstance(self.batch_size, dict):
+            sizes.update(self.batch_size)
+        elif self.batch_size is not None:
+            sizes = {task: self.batch_size for task in ("expression", "au", "target")}
+        for task in ("expression", "au", "target"):   # a task the paper does not train takes the expression size
+            sizes.setdefault(task, sizes["expression"])
+        schedule = recipe.schedule
+        pick = {"optimizer": recipe.optimizer, "momentum": recipe.momentum, "betas": recipe.betas,
+                "eps": recipe.eps, "layer_decay": recipe.layer_decay, "schedule": schedule["kind"],
+                "warmup_epochs": schedule["warmup_epochs"], "step_size": schedule["step_size"],
+                "gamma": schedule["gamma"], "epochs": recipe.epochs, "class_weighting": recipe.class_weighting,
+                "clip_grad": recipe.clip_grad, "seed": recipe.seed, "scale": tuple(recipe.augment["scale"]),
+                "flip": recipe.augment["flip"], "erase": recipe.augment["erase"], "selection": recipe.selection,
+                "val_fraction": recipe.val_fraction}
+        values = {name: getattr(self, name) if getattr(self, name) is not None else default
+                  for name, default in pick.items()}
+        # The floor keeps its ratio to the peak, so a changed lr moves it too.
+        min_lr = self.min_lr if self.min_lr is not None else schedule["min_lr"] * ratio
+        weight_decay = self.weight_decay
+        if values["schedule"] == "step" and values["step_size"] is None or (
+                values["schedule"] in ("step", "exponential") and values["gamma"] is None):
+            raise ConfigError(f"train.schedule {values['schedule']} needs step_size (step) and gamma")
+        if values["selection"] == "best_val" and values["val_fraction"] == 0:
+            raise ConfigError("train.val_fraction = 0 leaves no validation part to select on: set selection = "
+                              "\"last\" to report the last epoch")
+        model = {**recipe.model_options, **self.model}
+        return dataclasses.replace(self, lr=lr, group_lr=group_lr, batch_size=sizes, min_lr=min_lr,
+                                   weight_decay=weight_decay, model=model, **values)
+
+    def group_weight_decay(self) -> dict[str, float]:
+        """Each recipe group's weight decay (`weight_decay` overrides every one)."""
+        return {g["name"]: float(self.weight_decay if self.weight_decay is not None else g["weight_decay"])
+                for g in recipe_for(self.model_name).param_groups}
+
+    def batch_for(self, task: str) -> int:
+        """Samples of `task` per optimiser step (a resolved config)."""
+        return self.batch_size[task] if isinstance(self.batch_size, dict) else self.batch_size
+
+    def recipe_json(self) -> dict[str, Any]:
+        """The recipe as this (resolved) run trains it, in `recipe show --json` form; `sources` names the values
+        that differ from the paper's recipe."""
+        recipe = recipe_for(self.model_name)
+        values = {"optimizer": self.optimizer, "betas": list(self.betas) if self.betas else None, "eps": self.eps,
+                  "momentum": self.momentum, "layer_decay": self.layer_decay,
+                  "param_groups": [{"name": name, "lr": lr, "weight_decay": self.group_weight_decay()[name]}
+                                   for name, lr in self.group_lr.items()],
+                  "schedule": {"kind": self.schedule, "warmup_epochs": self.warmup_epochs, "min_lr": self.min_lr,
+                               "step_size": self.step_size, "gamma": self.gamma},
+                  "epochs": self.epochs, "batch_size": dict(self.batch_size), "class_weighting": self.class_weighting,
+                  "clip_grad": self.clip_grad, "seed": self.seed,
+                  "augment": {"scale": list(self.scale), "flip": self.flip, "erase": self.erase},
+                  "model_options": {k: v for k, v in self.model.items() if k in recipe.model_options},
+                  "selection": self.selection, "val_fraction": self.val_fraction}
+        paper = json.loads(json.dumps(recipe.values()))
+        mine = json.loads(json.dumps(values))
+        changed = {key: "by [train] or --set" for key in paper if key in mine and _differs(paper[key], mine[key],
+                                                                                             key)}
+        return with_overrides(recipe, values, changed)
+
+
+def _differs(paper: Any, mine: Any, key: str) -> bool:
+    if key == "batch_size":   # the resolved sizes name every task; the paper's only those it trains
+        return any(mine.get(task) != size for task, size in paper.items())
+    return paper != mine
 
 
 @dataclass
@@ -166,29 +290,29 @@ class Sources:
 # ---- the model ---------------------------------------------------------------------------------------------------
 
 def build_model(config: TrainConfig, sources: dict[str, Sources]) -> nn.Module:
-    """The registered model with the run's options, sized to the data: classes, AUs, FACS asset, cached features."""
+    """The registered model with the run's options, sized to the data: classes, AUs, and what the model declared
+    it needs (registry NEEDS): class names, the FACS asset, cached features."""
     try:
-        builder = model_builder(config.model_name)
+        builder, needs = model_builder(config.model_name), model_needs(config.model_name)
     except ValueError as e:
         raise ConfigError(str(e)) from None
-    accepts = inspect.signature(builder).parameters
     options = dict(config.model)
     expression = sources.get("expression")
     if expression is not None:
         options.setdefault("num_classes", len(expression.label_names))
-        if "class_names" in accepts:
+        if "class_names" in needs:
             options.setdefault("class_names", list(expression.label_names))
-    if "facs" in accepts and any(s.facs_ids for s in sources.values()):
+    if "facs" in needs and any(s.facs_ids for s in sources.values()):
         options.setdefault("facs", _merged_facs(sources))
     if config.source == "features":
         main = next(iter(sources.values()))
-        if "video_features" in accepts:       # video models: cached VideoMAE tokens (and text tokens)
+        if "video_features" in needs:         # video models: cached VideoMAE tokens (and text tokens)
             options.update(video_features=True, text_features="text_features" in main.stores)
             # The token grid and width are those of the encoder that made the cache.
             options.setdefault("video_encoder", _encoder_of(main.store("features"), "video_encoder"))
             if "text_features" in main.stores:
                 options.setdefault("text_dim", _last_dim(main.store("text_features"), "text_shape"))
-        elif "features" in accepts:           # speech models: cached speech and transcript tokens
+        elif "speech_features" in needs:      # speech models: cached speech and transcript tokens
             audio = main.store("audio_features")
             options.update(features=True, audio_dim=_last_dim(audio, "audio_shape"),
                            text_dim=_last_dim(audio, "text_shape"))
@@ -198,6 +322,12 @@ def build_model(config: TrainConfig, sources: dict[str, Sources]) -> nn.Module:
         return builder(tiny=config.tiny, **options)
     except (TypeError, ValueError) as e:
         raise ConfigError(f"model '{config.model_name}': {e}") from None
+
+
+def to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
+    """A collated batch with every tensor on `device` (the registry's device rule: the trainer, eval and explain
+    move batches; models never do)."""
+    return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
 
 def _merged_facs(sources: dict[str, Sources]) -> dict[str, dict[str, Any]]:
@@ -237,10 +367,30 @@ def folds_of(sources: Sources) -> list[int]:
 
 
 def samples_for(sources: Sources, config: TrainConfig, part: str, task: str) -> list[dict]:
+    """The index rows of one of a run's three disjoint parts of a task (models/splits.py): "train", "validation"
+    or "test". `config` is resolved (its val_fraction and seed draw the hold-out). A task the recipe does not
+    select on (selection_metric) has no validation part and keeps its whole training part."""
+    if part not in ("train", "validation", "test"):
+        raise ValueError(f"unknown part {part!r}; choose train, validation or test")
+    index = sources.store("index")
     try:
-        return select_samples(sources.store("index"), Split(config.fold), part, task)
+        if part == "test":
+            return select_samples(index, Split(config.fold), "test", task)
+        training = select_samples(index, Split(config.fold), "train", task)
+        official = [] if config.fold is not None else select_samples(index, Split(None), "val", task)
     except ValueError as e:
         raise ConfigError(str(e)) from None
+    if official:
+        return training if part == "train" else official
+    if task not in selection_tasks(config) or config.selection == "last" and not config.val_fraction:
+        return training if part == "train" else []
+    train, validation = hold_out(training, config.val_fraction, config.seed)
+    return train if part == "train" else validation
+
+
+def selection_tasks(config: TrainConfig) -> dict[str, str]:
+    """task -> the metric the validation-selected epoch maximises (the recipe's selection_metric)."""
+    return dict(recipe_for(config.model_name).selection_metric)
 
 
 def texts_for(sources: Sources, samples: list[dict]) -> dict[str, str]:
@@ -324,7 +474,7 @@ class RunFolder:
         return json.loads(path.read_text())
 
     def config(self) -> TrainConfig:
-        return TrainConfig.from_dict(self.read_json("config.json")["train"])
+        return TrainConfig.from_dict(self.read_json("config.json")["train"]).resolved()
 
     def sources(self) -> dict[str, Sources]:
         return {task: Sources.from_json(raw) for task, raw in self.read_json("stores.json").items()}
@@ -344,8 +494,14 @@ class RunFolder:
         return checkpoint
 
     def trained_model(self) -> nn.Module:
-        """The run's model with the weights of its last finished checkpoint."""
-        return load_weights(build_model(self.config(), self.sources()), self.require_checkpoint())
+        """The run's model with the weights of the epoch its results report (the validation-selected one, see
+        results.json "selection"), or of its last finished checkpoint for a run that has not saved one."""
+        model = build_model(self.config(), self.sources())
+        selected = self.path / SELECTED_WEIGHTS
+        if selected.exists():
+            model.load_state_dict(torch.load(selected, map_location="cpu", weights_only=True))
+            return model
+        return load_weights(model, self.require_checkpoint())
 
 
 def load_weights(model: nn.Module, checkpoint: Path) -> nn.Module:
