@@ -98,7 +98,7 @@ def train(config: TrainConfig, sources: dict[str, Sources], runs_dir: Path = Pat
         f"{len(data.train_sets[tasks[0]]) * accelerator.num_processes} training samples, {data.steps_per_epoch} "
         f"steps per epoch, {accelerator.num_processes} process(es) on {accelerator.device}")
 
-    selection = Selection.from_history(config, history, run if resume else None)
+    selection = Selection.from_history(config, tasks, history, run if resume else None)
     core = accelerator.unwrap_model(model)
     for epoch in range(start, config.epochs):
         if hasattr(core, "begin_epoch"):
@@ -363,8 +363,11 @@ class Selection:
     results: dict[str, Any] | None = None     # the selected epoch's test results
 
     @classmethod
-    def from_history(cls, config: TrainConfig, history: list[dict], run: RunFolder | None) -> "Selection":
-        selection = cls(config.selection, selection_tasks(config))
+    def from_history(cls, config: TrainConfig, tasks: list[str], history: list[dict], run: RunFolder | None
+                     ) -> "Selection":
+        """The selection of a run learning `tasks`, carried on from `history` and results.json when resuming."""
+        metrics = {task: metric for task, metric in selection_tasks(config).items() if task in tasks}
+        selection = cls(config.selection, metrics)
         if run is not None and (run.path / "results.json").exists():
             saved = run.read_json("results.json")
             selection.results = {k: v for k, v in saved.items() if k not in ("selection", "last_epoch")}

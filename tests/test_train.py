@@ -250,3 +250,40 @@ def test_train_cli_errors_are_one_line(project, tmp_path):
     assert au.returncode == 2 and "no AU labels" in au.stderr
     target = cli("train", "grace", "--tiny", "--config", str(project.path), "--target-dataset", "demo")
     assert target.returncode == 2 and "learns expression; datasets were given for expression, target" in target.stderr
+
+
+# ---- selection on validation ---------------------------------------------------------------------------------
+
+def test_the_reported_epoch_is_the_best_on_validation_never_chosen_on_test(sources, tmp_path):
+    config = TrainConfig(**{**TINY, "eval_every": 1, "selection": None, "val_fraction": None}, epochs=5)
+    run = RunFolder(train(config, sources, tmp_path, echo=lambda _: None))
+    splits = run.read_json("splits.json")["expression"]
+    parts = {part: set(ids) for part, ids in splits.items()}
+    assert parts["train"] and parts["validation"] and parts["test"]
+    assert not (parts["train"] & parts["validation"] or parts["train"] & parts["test"]
+                or parts["validation"] & parts["test"])
+    index = sources["expression"].store("index").read().to_pylist()
+    assert parts["test"] == {r["sample_id"] for r in index if r["fold"] == 1}
+    assert len(parts["validation"]) == pytest.approx(0.1 * (len(parts["train"]) + len(parts["validation"])), abs=7)
+    metrics = run.read_json("metrics.json")
+    results = run.read_json("results.json")
+    validation = [m["validation_score"] for m in metrics]
+    best = validation.index(max(validation))                      # the first epoch with the best UAR
+    assert results["selection"] == {"rule": "best_val", "metric": "expression uar", "split": "validation",
+                                    "epoch": best, "validation_score": max(validation)}
+    assert results["expression"] == metrics[best]["test"]["expression"]
+    assert results["last_epoch"]["epoch"] == 4 and results["last_epoch"]["expression"] == metrics[4]["test"]["expression"]
+    # eval and explain read the selected epoch's weights.
+    assert evaluate_run(run.path)["expression"]["confusion"] == results["expression"]["confusion"]
+
+
+def test_selection_follows_validation_where_test_would_pick_another_epoch():
+    from affectprep.models.train import Selection
+
+    selection = Selection("best_val", {"expression": "uar"})
+    validation = [0.30, 0.50, 0.45, 0.50]       # best at epoch 1; a later tie does not move it
+    test = [0.20, 0.25, 0.60, 0.40]             # test would pick epoch 2
+    chosen = [epoch for epoch, score in enumerate(validation) if selection.consider(epoch, score)]
+    assert chosen == [0, 1] and selection.epoch == 1 != test.index(max(test))
+    last = Selection("last", {"expression": "uar"})
+    assert all(last.consider(epoch, None) for epoch in range(3)) and last.epoch == 2
