@@ -139,7 +139,8 @@ def summary_line(results: dict[str, Any]) -> str:
 
 
 def evaluate(model: nn.Module, config: TrainConfig, sources: dict[str, Sources], accelerator: Accelerator,
-             views: int | None, part: str = "test") -> tuple[dict[str, list[dict[str, Any]]], dict[str, dict[str, str]]]:
+             views: int | None, part: str = "test"
+             ) -> tuple[dict[str, list[dict[str, Any]]], dict[str, dict[str, str]]]:
     """Predict `part` ("test" or "validation") of every task with up to `views` views per sample: per task,
     per-sample records (every process gets them), and the samples that could not be scored, with why. `config`
     is resolved. A task without samples in `part` is left out."""

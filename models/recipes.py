@@ -12,9 +12,9 @@ Keys (the JSON of `recipe show`):
                  optimiser step from each group's lr to its lr * min_lr / lr[first group] after a linear warm-up;
                  step multiplies by gamma every step_size epochs; exponential by gamma every epoch
   epochs, batch_size {task: samples per optimiser step}, class_weighting inverse_sqrt | none, clip_grad (max
-  gradient norm; 0 = none), seed, augment {scale, flip, erase}, model_options (builder options the training section sets),
-  selection best_val | last with val_fraction (see models/train.py), ablations (the registered ablation rows),
-  sources (key -> citation).
+  gradient norm; 0 = none), seed, augment {scale, flip, erase}, model_options (builder options the training
+  section sets), selection best_val | last with val_fraction and selection_metric (the paper's metric per task;
+  models/splits.py, models/train.py), ablations (the registered ablation rows), sources (key -> citation).
 """
 from __future__ import annotations
 

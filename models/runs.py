@@ -10,7 +10,8 @@ reads, how its model and data loaders are built, and its folder.
         results.json       the test scores of the selected epoch ("selection": how it was chosen, on validation),
                            the last epoch's test scores ("last_epoch"), and the test samples it could not score
         selected-model.pt  the weights of the selected epoch (what eval and explain load)
-        results-predictions.parquet   the selected epoch's test predictions: task, sample, label, prediction, probabilities
+        results-predictions.parquet   the selected epoch's test predictions: task, sample, label, prediction,
+                           probabilities
         results-confusion.png, results-confusion.txt   its confusion matrix (results-<task>-confusion.* per task)
         checkpoints/epoch-NNN/   accelerate state (model, optimizer, scheduler, RNG) + trainer_state.json
 
@@ -44,16 +45,6 @@ from .registry import ModelInputs, model_builder, model_needs
 
 SELECTED_WEIGHTS = "selected-model.pt"   # the model weights of the epoch results.json reports
 ROLES = ("index", "faces", "texts", "features", "text_features", "facs", "audio")
-
-
-# TrainConfig fields whose None means "the model's recipe" (models/recipes.py), and the recipe key each sets.
-RECIPE_FIELDS = {"optimizer": "optimizer", "lr": "param_groups", "group_lr": "param_groups",
-                 "weight_decay": "param_groups", "momentum": "momentum", "betas": "betas", "eps": "eps",
-                 "layer_decay": "layer_decay", "schedule": "schedule", "warmup_epochs": "schedule",
-                 "min_lr": "schedule", "step_size": "schedule", "gamma": "schedule", "epochs": "epochs",
-                 "batch_size": "batch_size", "class_weighting": "class_weighting", "clip_grad": "clip_grad",
-                 "seed": "seed", "scale": "augment", "flip": "augment", "erase": "augment",
-                 "selection": "selection", "val_fraction": "val_fraction"}
 
 
 @dataclass(frozen=True)

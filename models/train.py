@@ -53,7 +53,7 @@ from torch import nn
 
 from affectprep.config import ConfigError
 
-from .data import DOMAINS, StoreSamples, class_weights_from_labels, collate, few_labels, with_domain
+from .data import DOMAINS, StoreSamples, class_weights_from_labels, few_labels, with_domain
 from .evaluate import evaluate, score, summary_line, write_results
 from .layers.optim import parameter_groups
 from .registry import model_needs

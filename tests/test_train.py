@@ -272,7 +272,8 @@ def test_the_reported_epoch_is_the_best_on_validation_never_chosen_on_test(sourc
     assert results["selection"] == {"rule": "best_val", "metric": "expression uar", "split": "validation",
                                     "epoch": best, "validation_score": max(validation)}
     assert results["expression"] == metrics[best]["test"]["expression"]
-    assert results["last_epoch"]["epoch"] == 4 and results["last_epoch"]["expression"] == metrics[4]["test"]["expression"]
+    assert results["last_epoch"]["epoch"] == 4
+    assert results["last_epoch"]["expression"] == metrics[4]["test"]["expression"]
     # eval and explain read the selected epoch's weights.
     assert evaluate_run(run.path)["expression"]["confusion"] == results["expression"]["confusion"]
 
