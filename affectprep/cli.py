@@ -286,8 +286,10 @@ def train(model: Annotated[Optional[str], typer.Argument(help="A registered mode
               help="Train on this text version (see `affectprep text list`); default: the current CATE texts.")] = None,
           source: Annotated[Optional[str], typer.Option("--from", help="frames (end to end) or features (cached "
                                                         "backbone outputs; heads only).")] = None,
-          set_: Annotated[Optional[list[str]], typer.Option("--set", help="OPTION=VALUE for training (epochs=5) "
-                                                            "or model.OPTION=VALUE (model.matching=cosine).")] = None,
+          set_: Annotated[Optional[list[str]], typer.Option("--set", help="OPTION=VALUE over the model's recipe "
+                                                            "(epochs=5, batch_size.au=64; `affectprep recipe show "
+                                                            "MODEL`) or model.OPTION=VALUE (model.matching=cosine).")
+                          ] = None,
           tiny: Annotated[bool, typer.Option(help="The model's tiny test configuration.")] = False,
           runs: Annotated[Path, typer.Option(help="Folder for run folders.")] = Path("runs"),
           resume: Annotated[Optional[Path], typer.Option(help="Continue this run from its last checkpoint.")] = None,
@@ -396,8 +398,8 @@ def _training_sources(project: ProjectConfig, config, dataset: str | None, au_da
 def eval_(run_dir: RunArg,
           views: Annotated[Optional[int], typer.Option(min=1, help="Views per test sample (default: every "
                                                                        "stored view).")] = None) -> None:
-    """Score a run's last checkpoint on its test data: UAR, WAR, per-class recall, confusion matrix (PNG and
-    table), AU F1. Writes eval-views<N>.json and prints the scores."""
+    """Score a run's reported model (its validation-selected epoch) on its test data: UAR, WAR, per-class recall,
+    confusion matrix (PNG and table), AU F1. Writes eval-views<N>.json and prints the scores."""
     from affectprep.models.evaluate import evaluate_run, summary_line
     from affectprep.models.metrics import confusion_table
     from affectprep.models.runs import RunFolder

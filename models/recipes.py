@@ -23,7 +23,7 @@ from typing import Any
 
 from affectprep.config import ConfigError
 
-from .registry import model_ablations
+from .registry import list_models, model_ablations
 
 NOT_IN_PAPER = "not in the paper: our choice, because "
 
@@ -237,6 +237,8 @@ RECIPES: dict[str, Recipe] = {r.model: r for r in (GRACE, SSM, PCA, GREFEL, MGCM
 
 
 def recipe_for(model: str) -> Recipe:
+    if model not in list_models():
+        raise ConfigError(f"unknown model '{model}'; registered models: {', '.join(list_models())}")
     if model not in RECIPES:
         raise ConfigError(f"no recipe for model '{model}'; recipes: {', '.join(sorted(RECIPES))}")
     return RECIPES[model]
