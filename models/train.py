@@ -442,8 +442,8 @@ def _evaluate_epoch(model: nn.Module, config: TrainConfig, sources: dict[str, So
 def train_folds(config: TrainConfig, sources: dict[str, Sources], folds: list[int], runs_dir: Path = Path("runs"),
                 *, echo: Callable[[str], None] = print) -> Path:
     """The official protocol of a fold-based dataset (DFEW's 5 folds, IEMOCAP's leave-one-session-out): one run per
-    fold, then `<model>-<dataset>-folds-<time>.json` beside them with every fold's scores and their mean and
-    standard deviation. Returns that file."""
+    fold, then `<model>-<dataset>-folds-<time>.json` beside them with every fold's scores (of its
+    validation-selected epoch) and their mean and standard deviation. Returns that file."""
     # The same flags as train()'s Accelerator: the process-wide state is fixed by whichever comes first.
     main = PartialState(cpu=not torch.cuda.is_available()).is_main_process
     echo = echo if main else (lambda text: None)
@@ -452,7 +452,9 @@ def train_folds(config: TrainConfig, sources: dict[str, Sources], folds: list[in
         echo(f"---- fold {fold} ({folds.index(fold) + 1} of {len(folds)})")
         path = train(dataclasses.replace(config, fold=fold), sources, runs_dir, echo=echo)
         runs[fold], scores[fold] = str(path), RunFolder(path).read_json("results.json")
-    summary: dict[str, Any] = {"model": config.model_name, "folds": folds, "runs": runs, "results": scores}
+    # Each fold's results.json holds its selected epoch's test scores: the mean and std are over those.
+    summary: dict[str, Any] = {"model": config.model_name, "folds": folds, "runs": runs, "results": scores,
+                               "selection": {fold: s.get("selection") for fold, s in scores.items()}}
     for task in ("expression", "target"):
         if all(task in s for s in scores.values()):
             summary[task] = {metric: _mean_std([s[task][metric] for s in scores.values()]) for metric in ("uar", "war")}
