@@ -250,6 +250,11 @@ def test_train_cli_errors_are_one_line(project, tmp_path):
     assert au.returncode == 2 and "no AU labels" in au.stderr
     target = cli("train", "grace", "--tiny", "--config", str(project.path), "--target-dataset", "demo")
     assert target.returncode == 2 and "learns expression; datasets were given for expression, target" in target.stderr
+    # Recipe values through --set, table entries included, are checked like any other option.
+    size = cli("train", "grace", "--tiny", "--config", str(project.path), "--set", "batch_size.expression=zero")
+    assert size.returncode == 2 and "train.batch_size" in size.stderr and "Traceback" not in size.stderr
+    group = cli("train", "grace", "--tiny", "--config", str(project.path), "--set", "group_lr.backbone=1e-5")
+    assert group.returncode == 2 and "parameter groups all, not backbone" in group.stderr
 
 
 # ---- selection on validation ---------------------------------------------------------------------------------
