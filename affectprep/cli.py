@@ -356,6 +356,24 @@ def text_import_batch(stage: Annotated[str, typer.Argument(help="captions or cat
         raise typer.Exit(EXIT_FAILED_SAMPLES)
 
 
+recipe_app = typer.Typer(no_args_is_help=True, help="The models' paper training recipes.")
+app.add_typer(recipe_app, name="recipe")
+
+
+@recipe_app.command("show")
+def recipe_show(model: Annotated[str, typer.Argument(help="A registered model.")],
+                as_json: Annotated[bool, typer.Option("--json", help="One JSON object.")] = False) -> None:
+    """A model's training recipe as its paper gives it: every value with its source, and its ablation rows.
+    `affectprep train MODEL` trains with it; --set KEY=VALUE overrides a value."""
+    from affectprep.models.recipes import recipe_for, table
+    from affectprep.models.registry import list_models
+
+    if model not in list_models():
+        raise ConfigError(f"unknown model '{model}'; registered models: {', '.join(list_models())}")
+    recipe = recipe_for(model).to_json()
+    typer.echo(json.dumps(recipe, indent=2) if as_json else table(recipe))
+
+
 RunArg = Annotated[Path, typer.Argument(help="A run folder written by `affectprep train`.")]
 
 
@@ -377,8 +395,10 @@ def train(model: Annotated[Optional[str], typer.Argument(help="A registered mode
               help="Train on this text version (see `affectprep text list`); default: the current CATE texts.")] = None,
           source: Annotated[Optional[str], typer.Option("--from", help="frames (end to end) or features (cached "
                                                         "backbone outputs; heads only).")] = None,
-          set_: Annotated[Optional[list[str]], typer.Option("--set", help="OPTION=VALUE for training (epochs=5) "
-                                                            "or model.OPTION=VALUE (model.matching=cosine).")] = None,
+          set_: Annotated[Optional[list[str]], typer.Option("--set", help="OPTION=VALUE over the model's recipe "
+                                                            "(epochs=5, batch_size.au=64; `affectprep recipe show "
+                                                            "MODEL`) or model.OPTION=VALUE (model.matching=cosine).")
+                          ] = None,
           tiny: Annotated[bool, typer.Option(help="The model's tiny test configuration.")] = False,
           runs: Annotated[Path, typer.Option(help="Folder for run folders.")] = Path("runs"),
           resume: Annotated[Optional[Path], typer.Option(help="Continue this run from its last checkpoint.")] = None,
@@ -411,6 +431,11 @@ def train(model: Annotated[Optional[str], typer.Argument(help="A registered mode
             key, value = _split_setting(item)
             if key.startswith("model."):
                 raw["model"][key[len("model."):]] = value
+            elif "." in key:   # one entry of a table option: batch_size.au=128, group_lr.visual_encoder=1e-6
+                table, entry = key.split(".", 1)
+                if not isinstance(raw.get(table, {}), dict):
+                    raw[table] = {}
+                raw[table] = {**raw.get(table, {}), entry: value}
             else:
                 raw[key] = value
         every_fold = fold == "all"
@@ -510,9 +535,9 @@ def eval_(run_dir: RunArg,
               min=1, help="With --dataset: that dataset's fold whose test part to score (default: its fixed test "
                           "split, or every sample of its folds).")] = None,
           config: ConfigOpt = Path(DEFAULT_CONFIG_FILE)) -> None:
-    """Score a run's last checkpoint on its test data: UAR, WAR, per-class recall, confusion matrix (PNG and
-    table), AU F1. Writes eval-views<N>.json and prints the scores. With --dataset, on other datasets (cross-dataset
-    testing) as eval-<dataset>-views<N>.json."""
+    """Score a run's reported model (its validation-selected epoch) on its test data: UAR, WAR, per-class recall,
+    confusion matrix (PNG and table), AU F1. Writes eval-views<N>.json and prints the scores. With --dataset, on
+    other datasets (cross-dataset testing) as eval-<dataset>-views<N>.json."""
     from affectprep.models.evaluate import evaluate_on, evaluate_run, summary_line
     from affectprep.models.metrics import confusion_table
     from affectprep.models.runs import RunFolder

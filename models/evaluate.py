@@ -28,7 +28,7 @@ from affectprep.config import ConfigError
 
 from . import metrics
 from .data import DOMAINS, Split, select_samples, with_domain
-from .runs import RunFolder, Sources, TrainConfig, make_dataset, make_loader, samples_for
+from .runs import RunFolder, Sources, TrainConfig, make_dataset, make_loader, samples_for, to_device
 
 
 def predict(model: nn.Module, loader, accelerator: Accelerator, domain: int | None = None) -> list[dict[str, Any]]:
@@ -40,6 +40,7 @@ def predict(model: nn.Module, loader, accelerator: Accelerator, domain: int | No
         for batch in loader:
             batch = with_domain(batch, domain)
             # The bare module: ranks may run different numbers of test batches, and DDP's forward may sync buffers.
+            batch = to_device(batch, accelerator.device)   # the registry's device rule: models never move batches
             outputs = core(**core.batch_inputs(batch))
             probabilities = outputs["logits"].float().softmax(-1).cpu() if "logits" in outputs else None
             au_scores = outputs["au_logits"].float().sigmoid().cpu() if "au_logits" in outputs else None
@@ -142,15 +143,18 @@ def summary_line(results: dict[str, Any]) -> str:
 
 
 def evaluate(model: nn.Module, config: TrainConfig, sources: dict[str, Sources], accelerator: Accelerator,
-             views: int | None, samples_of: dict[str, list[dict]] | None = None
+             views: int | None, part: str = "test", samples_of: dict[str, list[dict]] | None = None
              ) -> tuple[dict[str, list[dict[str, Any]]], dict[str, dict[str, str]]]:
-    """Predict the test part of every task (or the index rows in `samples_of[task]`) with up to `views` views per
-    sample: per task, per-sample records (every process gets them), and the samples that could not be scored."""
+    """Predict `part` ("test" or "validation") of every task (or the index rows in `samples_of[task]`) with up to
+    `views` views per sample: per task, per-sample records (every process gets them), and the samples that could
+    not be scored, with why. `config` is resolved. A task without samples is left out."""
     core = accelerator.unwrap_model(model)
     out, missing = {}, {}
-    per_process = max(1, config.batch_size // (accelerator.num_processes * config.grad_accum))
     for task, task_sources in sources.items():
-        samples = samples_of[task] if samples_of is not None else samples_for(task_sources, config, "test", task)
+        per_process = max(1, config.batch_for(task) // (accelerator.num_processes * config.grad_accum))
+        samples = samples_of[task] if samples_of is not None else samples_for(task_sources, config, part, task)
+        if not samples:
+            continue
         dataset = make_dataset(core, config, task_sources, samples, train=False, rank=accelerator.process_index,
                                world_size=accelerator.num_processes, view=None, max_views=views)
         loader = make_loader(dataset, per_process, config.num_workers)
@@ -160,7 +164,8 @@ def evaluate(model: nn.Module, config: TrainConfig, sources: dict[str, Sources],
 
 
 def evaluate_run(run_path: Path, views: int | None = None) -> dict[str, Any]:
-    """`affectprep eval RUN`: the last checkpoint's model on the run's test data, written as eval-views<N>.*"""
+    """`affectprep eval RUN`: the run's reported model (its selected epoch's weights) on the run's test data,
+    written as eval-views<N>.*"""
     run = RunFolder(run_path)
     config, sources = run.config(), run.sources()
     accelerator = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=config.mixed_precision)
@@ -249,7 +254,7 @@ def evaluate_on(run_path: Path, others: dict[str, Sources], views: int | None = 
         others = {task: other.check_texts(False) for task, other in others.items()}
     samples_of = {task: cross_samples(other, task, fold) for task, other in others.items()}
     views = views if views is not None else config.eval_views
-    samples, missing = evaluate(model, config, others, accelerator, views, samples_of)
+    samples, missing = evaluate(model, config, others, accelerator, views, samples_of=samples_of)
     samples = {task: restrict(records, trained[task], others[task], task, shared[task])
                for task, records in samples.items()}
     scored = {task: dataclasses.replace(other, label_names=shared[task] if task != "au" else other.label_names,

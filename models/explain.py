@@ -13,7 +13,7 @@ from affectprep import schema as S
 from affectprep.config import ConfigError
 
 from .data import collate
-from .runs import RunFolder, make_dataset
+from .runs import RunFolder, make_dataset, to_device
 
 
 def explain_sample(run_path: Path, sample_id: str | None, out_dir: Path) -> list[Path]:
@@ -43,7 +43,7 @@ def explain_sample(run_path: Path, sample_id: str | None, out_dir: Path) -> list
     if not items:
         reason = dataset.missing_reasons.get(sample_id, "it could not be read")
         raise ConfigError(f"cannot explain {sample_id}: it {reason}")
-    batch = collate(items)
+    batch = to_device(collate(items), next(model.parameters()).device)   # the registry's device rule
     with torch.no_grad():
         outputs = model(**model.batch_inputs(batch))
     return _explained(model.explain, sample_id, batch=batch, outputs=outputs, out_dir=out_dir,

@@ -717,7 +717,7 @@ def _ablations() -> list[Ablation]:
     return rows
 
 
-@register_model("grace", ablations=_ablations())
+@register_model("grace", ablations=_ablations(), needs=("video_features", "layer_decay"))
 def grace(tiny: bool = False, *, num_classes: int = 7, video_encoder: str | None = None,
           text_encoder: str | None = None, text_base: str = DEFAULT_TEXT_BASE, use_text: bool = True,
           video_features: bool = False, text_features: bool = False, text_dim: int = 768,

@@ -83,6 +83,7 @@ from torch import Tensor, nn
 from .layers.batchnorm import BatchNorm1d
 from .layers.ir50 import IRBackbone, load_ir50_checkpoint
 from .layers.mobilefacenet import MobileFaceNet, load_mobilefacenet_checkpoint
+from .losses import labelled_cross_entropy
 from .registry import Ablation, ModelInputs, register_model
 from .figures import displayable, new_figure, prediction_title, write_explanation
 
@@ -428,9 +429,9 @@ class GReFEL(nn.Module):
         embedding, labels = output["embedding"][labelled], all_labels[labelled]
         parts = {}
         if "cls" in self.losses:
-            # NLL of the final, corrected distribution (the logits are its log-probabilities).
-            parts["cls"] = (F.nll_loss(output["logits"][labelled], labels) if labels.numel()
-                            else output["logits"].sum() * 0)
+            # NLL of the final, corrected distribution: its logits are log-probabilities, which the softmax of
+            # the shared labelled cross-entropy leaves as they are, so this is Eq. 20 exactly.
+            parts["cls"] = labelled_cross_entropy(output["logits"], all_labels)
         if "anchor" in self.losses:
             parts["anchor"] = anchor_loss(self.anchors)
         if "center" in self.losses:

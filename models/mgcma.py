@@ -411,15 +411,17 @@ class Mgcma(nn.Module):
             total = total + self.instance_weight * parts["instance"]
         return {"loss": total, **{name: value.detach() for name, value in parts.items()}}
 
-    def param_groups(self, lr: float, weight_decay: float = 0.01) -> list[dict]:
-        """AdamW groups: the pre-trained encoders ("encoders") at lr * encoder_lr_scale, the rest ("new") at lr;
-        biases and norm weights (1-D tensors) without weight decay. Frozen parameters are left out."""
+    def param_groups(self, lr: float | dict[str, float], weight_decay: float | dict[str, float] = 0.01) -> list[dict]:
+        """AdamW groups: the pre-trained encoders ("encoders") and the rest ("new"); biases and norm weights (1-D
+        tensors) without weight decay. Frozen parameters are left out. One lr for both: the encoders' is lr *
+        encoder_lr_scale; one lr per group (the trainer's, from the recipe): each group's own."""
         def encoder(name: str) -> bool:
             return name.startswith(("speech_encoder.", "text_encoder."))
 
+        scale = 1.0 if isinstance(lr, dict) else self.encoder_lr_scale
         return parameter_groups(self.named_parameters(), lr=lr, weight_decay=weight_decay,
                                 group_of=lambda name: "encoders" if encoder(name) else "new",
-                                lr_scale_of=lambda name: self.encoder_lr_scale if encoder(name) else 1.0)
+                                lr_scale_of=lambda name: scale if encoder(name) else 1.0)
 
     # ----- explanation ----------------------------------------------------------------------------------------
 
@@ -541,7 +543,7 @@ def _order_rows() -> list[Ablation]:
                             {"model.distribution_mode": "side"})]
 
 
-@register_model("mgcma", ablations=_module_rows() + _order_rows())
+@register_model("mgcma", ablations=_module_rows() + _order_rows(), needs=("speech_features",))
 def mgcma(tiny: bool = False, *, num_classes: int = 4, speech_encoder: str | None = None,
           text_encoder: str | None = None, features: bool = False, audio_dim: int = 768, text_dim: int = 768,
           hidden_dim: int | None = None, heads: int | None = None, **options) -> Mgcma:

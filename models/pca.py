@@ -436,7 +436,7 @@ ABLATIONS = ([_table_ii(cpt, iga) for cpt, iga in ((False, False), (True, False)
              + [Ablation("Table III", f"k={k}", {"model.prompts": k}) for k in range(1, 6)])
 
 
-@register_model("pca", ablations=ABLATIONS)
+@register_model("pca", ablations=ABLATIONS, needs=("class_names",))
 def pca(tiny: bool = False, *, num_classes: int = 7, clip: str | None = None,
         class_names: Sequence[str] | None = None, prompts: int = 2, cpt: bool = True, iga: bool = True,
         prompt_depth: int | None = None, **options) -> PCA:

@@ -1,7 +1,9 @@
 """Model registry, timm-style: builders register under a name, `create_model(name)` builds one.
 
 Every builder accepts `tiny` (small random configs for tests and CPU smoke runs) plus its own keyword arguments;
-the trainer passes `num_classes`, and `class_names` / `facs` (the FACS asset rows) to builders that take them. Every registered model follows one convention, so the trainer, eval and the tests drive any of them:
+the trainer passes `num_classes`, and what the model declares it needs when it registers (`needs`, see NEEDS):
+`class_names`, `facs` (the FACS asset rows), the cached-feature switches, `layer_decay` for its param_groups.
+Every registered model follows one convention, so the trainer, eval and the tests drive any of them:
 
 - `tasks`: what it learns, a tuple of "expression", "au" and "target" (the expressions of a second domain with few
   labels, e.g. infrared faces next to visible ones; its batches carry "domain" = 1).
@@ -13,8 +15,13 @@ the trainer passes `num_classes`, and `class_names` / `facs` (the FACS asset row
 - `loss(outputs, batches, class_weights=None)`: `outputs` and `batches` are dicts keyed by task (a model with two
   tasks gets one batch of each per step, e.g. DFEW clips and BP4D frames); returns a dict with the total "loss"
   and its named parts.
-- optional `param_groups(lr, weight_decay)`: the optimiser's parameter groups (layer-wise lr decay and the like),
-  built with `layers.optim.parameter_groups`, each named ("visual_encoder", "new", ...).
+- optional `param_groups(lr, weight_decay[, layer_decay])`: the optimiser's parameter groups, built with
+  `layers.optim.parameter_groups`, each named ("visual_encoder", "new", ...); lr and weight_decay come as one value
+  per group name (the names of the model's recipe, models/recipes.py). Without it every parameter is group "all".
+- optional `begin_epoch(epoch, data)`: called by the trainer in every process before each epoch's first step (PCA
+  rebuilds its feature banks there); see models/train.py `EpochData`.
+- Devices: the trainer, eval and explain move every tensor of a collated batch to the model's device before
+  `batch_inputs` (models/runs.py `to_device`); a model never moves batches itself, only tensors it makes.
 
 A model registers with the rows of its paper's ablation tables (`ablations`), each the options that reproduce
 that row, so `affectprep recipe show MODEL` can list them and a test can run every one.
@@ -66,21 +73,46 @@ class Ablation:
         return {"table": self.table, "row": self.row, "set": dict(self.set)}
 
 
+# What a builder may declare it takes from the trainer (register_model's `needs`):
+NEEDS = {
+    "class_names": "the expression dataset's label names (builder argument class_names)",
+    "facs": "the FACS asset rows (builder argument facs)",
+    "video_features": "trains from cached VideoMAE (and text) tokens: builder arguments video_features, "
+                      "text_features, video_encoder, text_dim",
+    "speech_features": "trains from cached speech and transcript tokens: builder arguments features, audio_dim, "
+                       "text_dim",
+    "layer_decay": "its param_groups takes layer_decay (layer-wise lr decay)",
+    "tasks": "learns the tasks the run has data for unless model.tasks says (builder argument tasks; with one task "
+             "its cross-task mapping, dpm, is off)",
+}
+
 _BUILDERS: dict[str, Callable[..., nn.Module]] = {}
 _ABLATIONS: dict[str, tuple[Ablation, ...]] = {}
+_NEEDS: dict[str, frozenset[str]] = {}
 _builtins_loaded = False
 
 
-def register_model(name: str, *, ablations: Sequence[Ablation] = ()) -> Callable:
+def register_model(name: str, *, ablations: Sequence[Ablation] = (), needs: Sequence[str] = ()) -> Callable:
     """Decorator registering `builder(tiny=False, **kwargs) -> nn.Module` under `name`, with its paper's
-    ablation rows."""
+    ablation rows and what it needs from the trainer (keys of NEEDS)."""
+    unknown = set(needs) - set(NEEDS)
+    if unknown:
+        raise ValueError(f"unknown needs {sorted(unknown)}; known: {sorted(NEEDS)}")
+
     def decorate(builder: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
         if name in _BUILDERS and _BUILDERS[name] is not builder:
             raise ValueError(f"a model named {name!r} is already registered")
         _BUILDERS[name] = builder
         _ABLATIONS[name] = tuple(ablations)
+        _NEEDS[name] = frozenset(needs)
         return builder
     return decorate
+
+
+def model_needs(name: str) -> frozenset[str]:
+    """What model `name` declared it needs from the trainer (see NEEDS)."""
+    model_builder(name)
+    return _NEEDS[name]
 
 
 def model_ablations(name: str) -> tuple[Ablation, ...]:

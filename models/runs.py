@@ -6,8 +6,12 @@ reads, how its model and data loaders are built, and its folder.
         stores.json        every store read: dataset, stage and key per role, per task
         git.json           the commit (and whether the tree had uncommitted changes) of the code that trained
         metrics.json       one entry per epoch: losses, learning rate, throughput, test UAR/WAR (or AU F1)
-        results.json       the last evaluation's scores (and the test samples it could not score)
-        results-predictions.parquet   its test predictions: task, sample, label, prediction, probabilities
+        splits.json        the sample ids of train, validation and test, per task (models/splits.py)
+        results.json       the test scores of the selected epoch ("selection": how it was chosen, on validation),
+                           the last epoch's test scores ("last_epoch"), and the test samples it could not score
+        selected-model.pt  the weights of the selected epoch (what eval and explain load)
+        results-predictions.parquet   the selected epoch's test predictions: task, sample, label, prediction,
+                           probabilities
         results-confusion.png, results-confusion.txt   its confusion matrix (results-<task>-confusion.* per task)
         checkpoints/epoch-NNN/   accelerate state (model, optimizer, scheduler, RNG) + trainer_state.json
 
@@ -18,7 +22,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import inspect
 import json
 import os
 import subprocess
@@ -38,14 +41,19 @@ from affectprep.store import Store
 
 from .data import (ClipAugment, Refinement, Split, StoreAudio, StoreAudioFeatures, StoreClips, StoreFeatures,
                    StoreSamples, check_jitter, collate, select_samples, stratified_fraction)
-from .registry import ModelInputs, model_builder
+from .recipes import recipe_for, with_overrides
+from .registry import ModelInputs, model_builder, model_needs
+from .splits import hold_out
 
+SELECTED_WEIGHTS = "selected-model.pt"   # the model weights of the epoch results.json reports
 ROLES = ("index", "faces", "texts", "features", "text_features", "facs", "audio")
 
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """Every knob of a run. Defaults are GRACE's (DESIGN.md §7); `model` holds the model builder's options."""
+    """Every knob of a run. A field left None takes the model's paper recipe (models/recipes.py; `resolved()`
+    fills them in, and the run's config.json holds the resolved config); `model` holds the model builder's
+    options (the recipe's model options are defaults under them)."""
     model_name: str = "grace"
     tiny: bool = False                     # the model's tiny test configuration
     model: dict[str, Any] = field(default_factory=dict)
@@ -56,52 +64,77 @@ class TrainConfig:
     expression_fraction: float = 1.0
     au_fraction: float = 1.0
     target_labels: int | None = 5          # labelled training samples per class in a "target" domain (PCA); None: all
-    epochs: int = 30
-    batch_size: int = 64                   # per optimiser step, over all processes and accumulation steps
     grad_accum: int = 1
-    lr: float = 1e-3
-    weight_decay: float = 0.05
-    layer_decay: float = 0.75              # models with param_groups(lr, weight_decay, layer_decay)
-    warmup_epochs: float = 5.0
-    optimizer: Literal["adamw", "sgd"] = "adamw"
-    momentum: float = 0.9                  # sgd
-    clip_grad: float | None = 1.0          # max gradient norm; None: no clipping
     mixed_precision: Literal["no", "fp16", "bf16"] = "no"
-    seed: int = 3407
     allow_leaky_text: bool = False         # train on texts that carry the test fold's labels (recorded)
     num_workers: int = 2                   # DataLoader workers per process
     shuffle_buffer: int = 256
-    eval_every: int = 1                    # epochs between test evaluations (the last epoch always evaluates)
+    eval_every: int = 1                    # epochs between evaluations (the last epoch always evaluates)
     eval_views: int | None = None          # views per test sample (multi-view testing); None: every stored view
-    scale: tuple[float, float] = (0.8, 1.0)   # augmentation: area range of the random square crop
-    flip: float = 0.5
-    erase: float = 0.25
-    color_jitter: tuple[float, float, float, float] = (0.0, 0.0, 0.0, 0.0)   # brightness, contrast, saturation, hue
-    rotation: float = 0.0                  # maximum rotation angle in degrees (GReFEL's heavy augmentation)
+    # ---- from the recipe when None ----
+    epochs: int | None = None
+    batch_size: int | dict[str, Any] | None = None   # per optimiser step, all processes and accumulation steps:
+                                           # one number for every task, or per task ({"au": 128})
+    optimizer: Literal["adamw", "adam", "sgd"] | None = None
+    lr: float | None = None                # the first parameter group's peak lr; the others keep their ratio to it
+    group_lr: dict[str, Any] = field(default_factory=dict)   # one group's lr ({"visual_encoder": 1e-6})
+    weight_decay: float | None = None      # every group's
+    momentum: float | None = None          # sgd
+    betas: tuple[float, float] | None = None   # adam, adamw
+    eps: float | None = None
+    layer_decay: float | None = None       # models that declare layer_decay (GRACE); 1 = none
+    schedule: Literal["cosine", "step", "exponential"] | None = None
+    warmup_epochs: float | None = None
+    min_lr: float | None = None            # cosine: the floor, for the first group (the others keep their ratio)
+    step_size: int | None = None           # step: epochs between decays
+    gamma: float | None = None             # step, exponential: the decay factor
+    clip_grad: float | None = None         # max gradient norm; 0: no clipping
+    seed: int | None = None
+    class_weighting: Literal["inverse_sqrt", "none"] | None = None
+    scale: tuple[float, float] | None = None   # augmentation: area range of the random square crop
+    flip: float | None = None
+    erase: float | None = None
+    color_jitter: tuple[float, float, float, float] | None = None   # brightness, contrast, saturation, hue
+    rotation: float | None = None          # maximum rotation angle in degrees (GReFEL's heavy augmentation)
     # GReFEL's Data Refinement (§4): per epoch, N_pg images of each video or face group, then B per expression.
     refine_per_group: int | None = None    # N_pg; None: every image of a group
     refine_per_class: int | None = None    # B; None (with refine_per_group None too): no refinement
+    selection: Literal["best_val", "last"] | None = None   # the reported epoch: best on validation, or the last
+    val_fraction: float | None = None      # the validation hold-out of the training part (no official validation)
 
     def __post_init__(self) -> None:
-        at_least = {"epochs": 1, "batch_size": 1, "grad_accum": 1, "eval_every": 1, "num_workers": 0,
+        at_least = {"epochs": 1, "grad_accum": 1, "eval_every": 1, "num_workers": 0, "step_size": 1,
                     "shuffle_buffer": 0, "target_labels": 1, "eval_views": 1, "au_fold": 1,
                     "refine_per_group": 1, "refine_per_class": 1}
         for name, low in at_least.items():
             value = getattr(self, name)
             if value is not None and value < low:
                 raise ConfigError(f"train.{name} must be at least {low}, got {value}")
-        if self.lr <= 0 or self.warmup_epochs < 0 or self.weight_decay < 0:
-            raise ConfigError(f"train: lr must be positive and warmup_epochs, weight_decay not negative, got "
-                              f"lr={self.lr}, warmup_epochs={self.warmup_epochs}, weight_decay={self.weight_decay}")
+        sizes = self.batch_size.values() if isinstance(self.batch_size, dict) else [self.batch_size]
+        if not all(s is None or (isinstance(s, int) and not isinstance(s, bool) and s >= 1) for s in sizes):
+            raise ConfigError(f"train.batch_size must be a positive number, or one per task, got {self.batch_size}")
+        if isinstance(self.batch_size, dict) and set(self.batch_size) - {"expression", "au", "target"}:
+            raise ConfigError(f"train.batch_size: tasks are expression, au and target, got {sorted(self.batch_size)}")
+        rates = [self.lr, *self.group_lr.values()]
+        if not all(r is None or (isinstance(r, (int, float)) and r > 0) for r in rates):
+            raise ConfigError(f"train: learning rates must be positive, got lr={self.lr}, group_lr={self.group_lr}")
+        for name in ("warmup_epochs", "weight_decay", "min_lr", "clip_grad", "momentum", "eps"):
+            if (getattr(self, name) or 0) < 0:
+                raise ConfigError(f"train.{name} must not be negative, got {getattr(self, name)}")
+        if self.gamma is not None and not 0 < self.gamma <= 1:
+            raise ConfigError(f"train.gamma must lie in (0, 1], got {self.gamma}")
+        if self.val_fraction is not None and not 0 <= self.val_fraction < 1:
+            raise ConfigError(f"train.val_fraction must lie in [0, 1), got {self.val_fraction}")
         try:
-            check_jitter(self.color_jitter, self.rotation)
+            check_jitter(self.color_jitter or (0.0, 0.0, 0.0, 0.0), self.rotation or 0.0)
         except ValueError as e:
             raise ConfigError(f"train: {e}") from None
         for name in ("expression_fraction", "au_fraction"):
             if not 0 < getattr(self, name) <= 1:
                 raise ConfigError(f"train.{name} must lie in (0, 1], got {getattr(self, name)} (no data of a task: "
                                   f"train without its dataset)")
-        if not (0 < self.scale[0] <= self.scale[1] <= 1 and 0 <= self.flip <= 1 and 0 <= self.erase <= 1):
+        scale = self.scale or (0.5, 1.0)
+        if not (0 < scale[0] <= scale[1] <= 1 and 0 <= (self.flip or 0) <= 1 and 0 <= (self.erase or 0) <= 1):
             raise ConfigError(f"train: scale must be an area range inside (0, 1] and flip, erase probabilities, got "
                               f"scale={self.scale}, flip={self.flip}, erase={self.erase}")
 
@@ -111,6 +144,88 @@ class TrainConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return json.loads(json.dumps(dataclasses.asdict(self)))
+
+    # ---- the recipe ------------------------------------------------------------------------------------------
+
+    def resolved(self) -> "TrainConfig":
+        """This config with every field left None taken from the model's recipe; batch_size one per task and
+        group_lr one per recipe group. Idempotent."""
+        recipe = recipe_for(self.model_name)
+        groups = {g["name"]: g for g in recipe.param_groups}
+        first = recipe.param_groups[0]
+        unknown = set(self.group_lr) - set(groups)
+        if unknown:
+            raise ConfigError(f"train.group_lr: model '{self.model_name}' has parameter groups "
+                              f"{', '.join(groups)}, not {', '.join(sorted(unknown))}")
+        lr = self.lr if self.lr is not None else first["lr"]
+        ratio = 1.0 if self.lr is None else lr / first["lr"]
+        group_lr = {name: float(self.group_lr.get(name, g["lr"] if ratio == 1.0 else g["lr"] * ratio))
+                    for name, g in groups.items()}
+        sizes = dict(recipe.batch_size)
+        if isinstance(self.batch_size, dict):
+            sizes.update(self.batch_size)
+        elif self.batch_size is not None:
+            sizes = {task: self.batch_size for task in ("expression", "au", "target")}
+        for task in ("expression", "au", "target"):   # a task the paper does not train takes the expression size
+            sizes.setdefault(task, sizes["expression"])
+        schedule = recipe.schedule
+        pick = {"optimizer": recipe.optimizer, "momentum": recipe.momentum, "betas": recipe.betas,
+                "eps": recipe.eps, "layer_decay": recipe.layer_decay, "schedule": schedule["kind"],
+                "warmup_epochs": schedule["warmup_epochs"], "step_size": schedule["step_size"],
+                "gamma": schedule["gamma"], "epochs": recipe.epochs, "class_weighting": recipe.class_weighting,
+                "clip_grad": recipe.clip_grad, "seed": recipe.seed, "scale": tuple(recipe.augment["scale"]),
+                "flip": recipe.augment["flip"], "erase": recipe.augment["erase"], "selection": recipe.selection,
+                "val_fraction": recipe.val_fraction}
+        values = {name: getattr(self, name) if getattr(self, name) is not None else default
+                  for name, default in pick.items()}
+        # The floor keeps its ratio to the peak, so a changed lr moves it too.
+        min_lr = self.min_lr if self.min_lr is not None else schedule["min_lr"] * ratio
+        weight_decay = self.weight_decay
+        if values["schedule"] == "step" and values["step_size"] is None or (
+                values["schedule"] in ("step", "exponential") and values["gamma"] is None):
+            raise ConfigError(f"train.schedule {values['schedule']} needs step_size (step) and gamma")
+        if values["selection"] == "best_val" and values["val_fraction"] == 0:
+            raise ConfigError("train.val_fraction = 0 leaves no validation part to select on: set selection = "
+                              "\"last\" to report the last epoch")
+        model = {**recipe.model_options, **self.model}
+        return dataclasses.replace(self, lr=lr, group_lr=group_lr, batch_size=sizes, min_lr=min_lr,
+                                   weight_decay=weight_decay, model=model, **values)
+
+    def group_weight_decay(self) -> dict[str, float]:
+        """Each recipe group's weight decay (`weight_decay` overrides every one)."""
+        return {g["name"]: float(self.weight_decay if self.weight_decay is not None else g["weight_decay"])
+                for g in recipe_for(self.model_name).param_groups}
+
+    def batch_for(self, task: str) -> int:
+        """Samples of `task` per optimiser step (a resolved config)."""
+        return self.batch_size[task] if isinstance(self.batch_size, dict) else self.batch_size
+
+    def recipe_json(self) -> dict[str, Any]:
+        """The recipe as this (resolved) run trains it, in `recipe show --json` form; `sources` names the values
+        that differ from the paper's recipe."""
+        recipe = recipe_for(self.model_name)
+        values = {"optimizer": self.optimizer, "betas": list(self.betas) if self.betas else None, "eps": self.eps,
+                  "momentum": self.momentum, "layer_decay": self.layer_decay,
+                  "param_groups": [{"name": name, "lr": lr, "weight_decay": self.group_weight_decay()[name]}
+                                   for name, lr in self.group_lr.items()],
+                  "schedule": {"kind": self.schedule, "warmup_epochs": self.warmup_epochs, "min_lr": self.min_lr,
+                               "step_size": self.step_size, "gamma": self.gamma},
+                  "epochs": self.epochs, "batch_size": dict(self.batch_size), "class_weighting": self.class_weighting,
+                  "clip_grad": self.clip_grad, "seed": self.seed,
+                  "augment": {"scale": list(self.scale), "flip": self.flip, "erase": self.erase},
+                  "model_options": {k: v for k, v in self.model.items() if k in recipe.model_options},
+                  "selection": self.selection, "val_fraction": self.val_fraction}
+        paper = json.loads(json.dumps(recipe.values()))
+        mine = json.loads(json.dumps(values))
+        changed = {key: "by [train] or --set" for key in paper if key in mine and _differs(paper[key], mine[key],
+                                                                                             key)}
+        return with_overrides(recipe, values, changed)
+
+
+def _differs(paper: Any, mine: Any, key: str) -> bool:
+    if key == "batch_size":   # the resolved sizes name every task; the paper's only those it trains
+        return any(mine.get(task) != size for task, size in paper.items())
+    return paper != mine
 
 
 @dataclass
@@ -186,35 +301,35 @@ class Sources:
 # ---- the model ---------------------------------------------------------------------------------------------------
 
 def build_model(config: TrainConfig, sources: dict[str, Sources]) -> nn.Module:
-    """The registered model with the run's options, sized to the data: classes, AUs, FACS asset, cached features."""
+    """The registered model with the run's options, sized to the data: classes, AUs, and what the model declared
+    it needs (registry NEEDS): class names, the FACS asset, cached features."""
     try:
-        builder = model_builder(config.model_name)
+        builder, needs = model_builder(config.model_name), model_needs(config.model_name)
     except ValueError as e:
         raise ConfigError(str(e)) from None
-    accepts = inspect.signature(builder).parameters
     options = dict(config.model)
-    if "tasks" in accepts and "tasks" not in options:
+    if "tasks" in needs and "tasks" not in options:
         # A model of several tasks that can learn one alone (SSM's STL rows) learns those the run has data for:
         # an expression dataset without an AU dataset trains expressions only, and the reverse.
         options["tasks"] = [task for task in sources if task in ("expression", "au")]
-        if len(options["tasks"]) == 1 and "dpm" in accepts:
+        if len(options["tasks"]) == 1:
             options.setdefault("dpm", False)   # DPM maps between the two tasks' prototypes
     expression = sources.get("expression")
     if expression is not None:
         options.setdefault("num_classes", len(expression.label_names))
-        if "class_names" in accepts:
+        if "class_names" in needs:
             options.setdefault("class_names", list(expression.label_names))
-    if "facs" in accepts and any(s.facs_ids for s in sources.values()):
+    if "facs" in needs and any(s.facs_ids for s in sources.values()):
         options.setdefault("facs", _merged_facs(sources))
     if config.source == "features":
         main = next(iter(sources.values()))
-        if "video_features" in accepts:       # video models: cached VideoMAE tokens (and text tokens)
+        if "video_features" in needs:         # video models: cached VideoMAE tokens (and text tokens)
             options.update(video_features=True, text_features="text_features" in main.stores)
             # The token grid and width are those of the encoder that made the cache.
             options.setdefault("video_encoder", _encoder_of(main.store("features"), "video_encoder"))
             if "text_features" in main.stores:
                 options.setdefault("text_dim", _last_dim(main.store("text_features"), "text_shape"))
-        elif "features" in accepts:           # speech models: cached speech and transcript tokens
+        elif "speech_features" in needs:      # speech models: cached speech and transcript tokens
             audio = main.store("audio_features")
             options.update(features=True, audio_dim=_last_dim(audio, "audio_shape"),
                            text_dim=_last_dim(audio, "text_shape"))
@@ -224,6 +339,12 @@ def build_model(config: TrainConfig, sources: dict[str, Sources]) -> nn.Module:
         return builder(tiny=config.tiny, **options)
     except (TypeError, ValueError) as e:
         raise ConfigError(f"model '{config.model_name}': {e}") from None
+
+
+def to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
+    """A collated batch with every tensor on `device` (the registry's device rule: the trainer, eval and explain
+    move batches; models never do)."""
+    return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
 
 def _merged_facs(sources: dict[str, Sources]) -> dict[str, dict[str, Any]]:
@@ -269,16 +390,38 @@ def task_fold(config: TrainConfig, task: str) -> int | None:
 
 
 def samples_for(sources: Sources, config: TrainConfig, part: str, task: str) -> list[dict]:
-    """The index rows of a task's `part`; for "train", the task's fraction of them (expression_fraction,
-    au_fraction)."""
+    """The index rows of one of a run's three disjoint parts of a task (models/splits.py): "train", "validation"
+    or "test", on the task's fold (task_fold). `config` is resolved (its val_fraction and seed draw the hold-out).
+    A task the recipe does not select on (selection_metric) has no validation part and keeps its whole training
+    part. The task's fraction (expression_fraction, au_fraction) thins its training part after the hold-out, so
+    validation and test are never thinned."""
+    if part not in ("train", "validation", "test"):
+        raise ValueError(f"unknown part {part!r}; choose train, validation or test")
+    index, fold = sources.store("index"), task_fold(config, task)
     try:
-        samples = select_samples(sources.store("index"), Split(task_fold(config, task)), part, task)
-        fraction = {"expression": config.expression_fraction, "au": config.au_fraction}.get(task, 1.0)
-        return stratified_fraction(samples, fraction, config.seed) if part == "train" else samples
+        if part == "test":
+            return select_samples(index, Split(fold), "test", task)
+        training = select_samples(index, Split(fold), "train", task)
+        official = [] if fold is not None else select_samples(index, Split(None), "val", task)
     except ValueError as e:
         hint = ("; choose the AU dataset's fold with --au-fold J (train.au_fold)"
                 if task == "au" and config.au_fold is None else "")
         raise ConfigError(f"{e}{hint}") from None
+    if official:
+        train, validation = training, official
+    elif task not in selection_tasks(config) or config.selection == "last" and not config.val_fraction:
+        train, validation = training, []
+    else:
+        train, validation = hold_out(training, config.val_fraction, config.seed)
+    if part == "validation":
+        return validation
+    fraction = {"expression": config.expression_fraction, "au": config.au_fraction}.get(task, 1.0)
+    return stratified_fraction(train, fraction, config.seed)
+
+
+def selection_tasks(config: TrainConfig) -> dict[str, str]:
+    """task -> the metric the validation-selected epoch maximises (the recipe's selection_metric)."""
+    return dict(recipe_for(config.model_name).selection_metric)
 
 
 def texts_for(sources: Sources, samples: list[dict]) -> dict[str, str]:
@@ -365,7 +508,7 @@ class RunFolder:
         return json.loads(path.read_text())
 
     def config(self) -> TrainConfig:
-        return TrainConfig.from_dict(self.read_json("config.json")["train"])
+        return TrainConfig.from_dict(self.read_json("config.json")["train"]).resolved()
 
     def sources(self) -> dict[str, Sources]:
         return {task: Sources.from_json(raw) for task, raw in self.read_json("stores.json").items()}
@@ -406,8 +549,19 @@ class RunFolder:
         return checkpoint
 
     def trained_model(self) -> nn.Module:
-        """The run's model with the weights of its last finished checkpoint."""
-        return load_weights(build_model(self.config(), self.sources()), self.require_checkpoint())
+        """The run's model with the weights of the epoch its results report (the validation-selected one, see
+        results.json "selection"), or of its last finished checkpoint for a run that has not saved one."""
+        model = build_model(self.config(), self.sources())
+        selected = self.path / SELECTED_WEIGHTS
+        if selected.exists():
+            try:
+                state = torch.load(selected, map_location="cpu", weights_only=True)
+            except (RuntimeError, EOFError, ValueError, OSError):   # cut short, or not a torch file
+                raise ConfigError(f"{selected} is damaged (cut short or changed); restore it from a copy, or "
+                                  f"start a new run") from None
+            model.load_state_dict(state)
+            return model
+        return load_weights(model, self.require_checkpoint())
 
 
 def load_weights(model: nn.Module, checkpoint: Path) -> nn.Module:

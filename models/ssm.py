@@ -588,7 +588,7 @@ def _ablations() -> list[Ablation]:
     return rows
 
 
-@register_model("ssm", ablations=_ablations())
+@register_model("ssm", ablations=_ablations(), needs=("facs", "tasks"))
 def ssm(tiny: bool = False, *, num_classes: int = 7, facs: dict | None = None, clip: str | None = None,
         tasks: str | Sequence[str] = TASKS, text_form: str = "compound", tsp: bool = True, dpm: bool = True,
         au_names: Sequence[str] | None = None, **options) -> SSM:

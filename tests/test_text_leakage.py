@@ -87,3 +87,23 @@ def test_another_folds_text_version_is_refused_for_this_fold(project):
     assert 2 not in sources.text_leaks and {1, 3, 4, 5} <= set(sources.text_leaks)
     with pytest.raises(ConfigError, match="carry test labels"):
         sources.for_fold(1).check_texts(allow_leak=False)
+
+
+def test_a_text_version_with_no_usable_row_is_one_line_naming_it(project, tmp_path):
+    import dataclasses
+
+    from affectprep import schema as S
+    from affectprep.store import Store
+
+    sources = resolve_sources(project, "demo").for_fold(1)
+    texts = sources.stores["texts"]
+    ids = texts.read(["sample_id"]).column("sample_id").to_pylist()
+    # The same samples, every one failed (an LLM that answered nothing): a real store of the cate schema.
+    empty = Store(texts.cache, texts.dataset, texts.stage, "0" * 16)
+    empty.write([{"sample_id": sid, "status": S.STATUS_FAILED, "error": "the LLM returned nothing"} for sid in ids])
+    broken = dataclasses.replace(sources, stores={**sources.stores, "texts": empty}, fold_stores={}, text_leaks={})
+    with pytest.raises(ConfigError) as refused:
+        train(TrainConfig(**TINY, fold=1), {"expression": broken}, tmp_path / "runs", echo=lambda _: None)
+    message = str(refused.value)
+    assert "\n" not in message and empty.key in message and "--text-version" in message
+    assert "has no text" in message

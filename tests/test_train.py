@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -29,8 +30,9 @@ from affectprep.train_sources import resolve_sources
 
 CLIPS = 70           # 10 per class; DFEW fold 1 holds 14 of them
 # GRACE's tiny variant on the demo: small batches so an epoch has several steps; a few CPU seconds per epoch.
+# The last epoch is reported and nothing is held out (selection has its own test), so all 56 training clips train.
 TINY = dict(model_name="grace", tiny=True, fold=1, batch_size=8, lr=2e-3, warmup_epochs=2, num_workers=0,
-            eval_every=10)
+            eval_every=10, selection="last", val_fraction=0.0)
 
 
 @pytest.fixture(scope="module")
@@ -72,7 +74,7 @@ def test_tiny_grace_beats_chance_on_the_demo_store(trained, sources):
 
 def test_the_run_folder_records_config_stores_commit_metrics_and_checkpoint(trained, sources):
     run = RunFolder(trained)
-    assert run.config() == TrainConfig(**TINY, epochs=40)
+    assert run.config() == TrainConfig(**TINY, epochs=40).resolved()
     stores = run.read_json("stores.json")["expression"]["stores"]
     for role in ("index", "faces", "texts", "facs"):
         assert stores[role]["key"] == sources["expression"].for_fold(1).stores[role].key   # fold 1's texts
@@ -176,8 +178,10 @@ def test_bf16_autocast_and_gradient_accumulation(sources, tmp_path, fresh_accele
     scheduler = torch.load(RunFolder(run).latest_checkpoint() / "custom_checkpoint_0.pkl", weights_only=False)
     assert scheduler["last_epoch"] == 7
     (metrics,) = RunFolder(run).read_json("metrics.json")
-    # 4 warm-up steps, then the cosine reaches zero at the 7th and last optimiser step.
-    assert metrics["lr"] == pytest.approx(0.0, abs=1e-12)
+    # 4 warm-up steps, then the cosine: the 7th and last optimiser step uses step 6's lr, 1/4 of the way down
+    # from lr to GRACE's floor (min_lr 1e-6 for lr 1e-3, so 2e-6 for TINY's 2e-3).
+    floor = 2e-3 * 1e-6 / 1e-3
+    assert metrics["lr"] == pytest.approx(floor + (2e-3 - floor) * 0.5 * (1 + math.cos(math.pi * 2 / 3)))
     assert torch.isfinite(torch.tensor(metrics["loss"])) and metrics["test"]["expression"]["uar"] >= 0
 
 
@@ -268,3 +272,46 @@ def test_train_cli_errors_are_one_line(project, tmp_path):
     assert folds.returncode == 2 and "official folds [1, 2, 3, 4, 5]: pass --fold K, or --fold all" in folds.stderr
     target = cli("train", "grace", "--tiny", "--config", str(project.path), "--fold", "1", "--target-dataset", "demo")
     assert target.returncode == 2 and "learns expression; datasets were given for expression, target" in target.stderr
+    # Recipe values through --set, table entries included, are checked like any other option.
+    size = cli("train", "grace", "--tiny", "--config", str(project.path), "--set", "batch_size.expression=zero")
+    assert size.returncode == 2 and "train.batch_size" in size.stderr and "Traceback" not in size.stderr
+    group = cli("train", "grace", "--tiny", "--config", str(project.path), "--set", "group_lr.backbone=1e-5")
+    assert group.returncode == 2 and "parameter groups all, not backbone" in group.stderr
+
+
+# ---- selection on validation ---------------------------------------------------------------------------------
+
+def test_the_reported_epoch_is_the_best_on_validation_never_chosen_on_test(sources, tmp_path):
+    config = TrainConfig(**{**TINY, "eval_every": 1, "selection": None, "val_fraction": None}, epochs=5)
+    run = RunFolder(train(config, sources, tmp_path, echo=lambda _: None))
+    splits = run.read_json("splits.json")["expression"]
+    parts = {part: set(ids) for part, ids in splits.items()}
+    assert parts["train"] and parts["validation"] and parts["test"]
+    assert not (parts["train"] & parts["validation"] or parts["train"] & parts["test"]
+                or parts["validation"] & parts["test"])
+    index = sources["expression"].store("index").read().to_pylist()
+    assert parts["test"] == {r["sample_id"] for r in index if r["fold"] == 1}
+    assert len(parts["validation"]) == pytest.approx(0.1 * (len(parts["train"]) + len(parts["validation"])), abs=7)
+    metrics = run.read_json("metrics.json")
+    results = run.read_json("results.json")
+    validation = [m["validation_score"] for m in metrics]
+    best = validation.index(max(validation))                      # the first epoch with the best UAR
+    assert results["selection"] == {"rule": "best_val", "metric": "expression uar", "split": "validation",
+                                    "epoch": best, "validation_score": max(validation)}
+    assert results["expression"] == metrics[best]["test"]["expression"]
+    assert results["last_epoch"]["epoch"] == 4
+    assert results["last_epoch"]["expression"] == metrics[4]["test"]["expression"]
+    # eval and explain read the selected epoch's weights.
+    assert evaluate_run(run.path)["expression"]["confusion"] == results["expression"]["confusion"]
+
+
+def test_selection_follows_validation_where_test_would_pick_another_epoch():
+    from affectprep.models.train import Selection
+
+    selection = Selection("best_val", {"expression": "uar"})
+    validation = [0.30, 0.50, 0.45, 0.50]       # best at epoch 1; a later tie does not move it
+    test = [0.20, 0.25, 0.60, 0.40]             # test would pick epoch 2
+    chosen = [epoch for epoch, score in enumerate(validation) if selection.consider(epoch, score)]
+    assert chosen == [0, 1] and selection.epoch == 1 != test.index(max(test))
+    last = Selection("last", {"expression": "uar"})
+    assert all(last.consider(epoch, None) for epoch in range(3)) and last.epoch == 2

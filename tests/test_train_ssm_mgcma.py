@@ -54,7 +54,7 @@ def au_vector(expression: str) -> list[int]:
     return [int(au in moved) for au in BP4D_AUS]
 
 
-def make_rendered_bp4d(root: Path) -> Path:
+def make_rendered_bp4d(root: Path, coded: range = AU_CODED) -> Path:
     """BP4D's layout: Sequences/<subject>/<task>/<image>.jpg and AUCoding/AU_OCC/<subject>_<task>.csv, whose AU
     frame n is image n - 1 as in the release."""
     labels = root / "AUCoding" / "AU_OCC"
@@ -67,7 +67,7 @@ def make_rendered_bp4d(root: Path) -> Path:
             for image, frame in enumerate(render_frames(expression, seed=100 * s + t, num_frames=AU_FRAMES)):
                 assert cv2.imwrite(str(folder / f"{image}.jpg"), cv2.cvtColor(frame, cv2.COLOR_RGB2BGR))
             occurrence = ",".join(map(str, au_vector(expression)))
-            rows = [f"{n},{occurrence}" for n in AU_CODED]
+            rows = [f"{n},{occurrence}" for n in coded]
             (labels / f"{subject}_{task}.csv").write_text(
                 "\n".join([",".join(["Frame", *(f"AU{a}" for a in BP4D_AUS)]), *rows]) + "\n")
     return root
@@ -128,8 +128,9 @@ def ssm_sources(ssm_project):
             "au": resolve_sources(ssm_project, "bp4d", expression_set="basic7")}
 
 
+# These runs report their last epoch and hold nothing out (selection has its own tests).
 SSM = dict(model_name="ssm", tiny=True, fold=1, batch_size=8, lr=2e-3, warmup_epochs=1, num_workers=0,
-           epochs=12, eval_every=12)
+           epochs=12, eval_every=12, selection="last", val_fraction=0.0)
 
 
 @pytest.fixture(scope="module")
@@ -366,7 +367,7 @@ def test_every_ssm_ablation_row_trains_one_tiny_epoch(key, ssm_sources, ferv39k_
 # ---- MGCMA: IEMOCAP speech + transcripts ---------------------------------------------------------------------
 
 MGCMA = dict(model_name="mgcma", tiny=True, fold=1, batch_size=4, lr=1e-3, warmup_epochs=1, num_workers=0,
-             epochs=6, eval_every=6)
+             epochs=6, eval_every=6, selection="last", val_fraction=0.0)
 
 
 @pytest.fixture(scope="module")
@@ -391,7 +392,7 @@ def test_mgcma_trains_on_one_session_and_predicts_each_utterance_of_the_other_on
     test_ids = sorted(r["sample_id"] for r in rows if r["fold"] == 1)
     assert test_ids == ["Ses01F_impro01_F000", "Ses01F_impro01_M001"]
     run = RunFolder(mgcma_run)
-    assert run.config() == TrainConfig(**MGCMA)
+    assert run.config() == TrainConfig(**MGCMA).resolved()
     assert set(run.read_json("stores.json")["expression"]["stores"]) >= {"index", "audio"}
     assert [p.name for p in run.checkpoints.iterdir()] == [f"epoch-{MGCMA['epochs']:03d}"]
     predictions = pq.read_table(mgcma_run / "results-predictions.parquet").to_pylist()
@@ -427,3 +428,53 @@ def test_explain_draws_mgcma_token_attention_between_words_and_speech(mgcma_run,
     assert data["words"] and all(word in transcript for word in data["words"])
     assert len(data["text_to_speech"]) == len(data["words"])
     assert all(abs(sum(row) - 1) < 1e-4 for row in data["text_to_speech"])
+
+
+# ---- SSM's recipe: the multi-step schedule and one batch of each task's size per step ------------------------
+
+def test_ssm_lr_drops_tenfold_at_the_step_for_both_groups(ssm_sources, tmp_path):
+    config = TrainConfig(**{**SSM, "epochs": 3, "eval_every": 3, "lr": None, "warmup_epochs": None,
+                            "step_size": 2})
+    run = RunFolder(train(config, ssm_sources, tmp_path, echo=lambda _: None))
+    lrs = [entry["lrs"] for entry in run.read_json("metrics.json")]
+    assert [lr["new"] for lr in lrs] == pytest.approx([1e-4, 1e-4, 1e-5])
+    assert [lr["visual_encoder"] for lr in lrs] == pytest.approx([1e-6, 1e-6, 1e-7])
+
+
+@pytest.fixture(scope="module")
+def dense_ssm_sources(tmp_path_factory):
+    """The demo expressions and a BP4D tree with all 16 frames of each sequence coded: fold 1 trains on 2 subjects
+    x 4 tasks x 16 frames = 128 AU frames, one batch of SSM's AU size."""
+    tmp = tmp_path_factory.mktemp("dense")
+    demo = make_demo_dataset(tmp / "DFEW", clips=CLIPS, seed=0)
+    bp4d = make_rendered_bp4d(tmp / "BP4D", coded=range(1, AU_FRAMES + 1))
+    project = ProjectConfig(tmp / "affectprep.toml", tmp / "cache",
+                            {"demo": DatasetConfig("demo", "dfew", demo),
+                             "bp4d": DatasetConfig("bp4d", "bp4d", bp4d, {"window": 1})}, STAGES)
+    write_project(project)
+    for stage in ("faces", "facs"):
+        for dataset in ("demo", "bp4d"):
+            assert run_pipeline(project, stage, [dataset], scheduler="inline", progress=False).failed == 0
+    return {"expression": resolve_sources(project, "demo"),
+            "au": resolve_sources(project, "bp4d", expression_set="basic7")}
+
+
+def test_ssm_draws_one_batch_of_12_clips_and_one_of_128_au_frames_per_step(dense_ssm_sources, tmp_path,
+                                                                          monkeypatch):
+    from affectprep.models.ssm import SSM as SSMModel
+
+    sizes: list[tuple[str, int]] = []
+    original = SSMModel.loss
+
+    def recording(self, outputs, batches, class_weights=None):
+        (task,) = batches
+        sizes.append((task, len(batches[task]["sample_ids"])))
+        return original(self, outputs, batches, class_weights)
+
+    monkeypatch.setattr(SSMModel, "loss", recording)
+    config = TrainConfig(**{**SSM, "epochs": 1, "eval_every": 1, "batch_size": None})
+    assert config.resolved().batch_size["expression"] == 12 and config.resolved().batch_size["au"] == 128
+    train(config, dense_ssm_sources, tmp_path, echo=lambda _: None)
+    # 28 training clips in batches of 12: 3 steps (12, 12, 4), each with one AU batch of 128.
+    assert sizes == [("expression", 12), ("au", 128), ("expression", 12), ("au", 128), ("expression", 4),
+                     ("au", 128)]
