@@ -397,7 +397,8 @@ def train(model: Annotated[Optional[str], typer.Argument(help="A registered mode
                                                         "backbone outputs; heads only).")] = None,
           set_: Annotated[Optional[list[str]], typer.Option("--set", help="OPTION=VALUE over the model's recipe "
                                                             "(epochs=5, batch_size.au=64; `affectprep recipe show "
-                                                            "MODEL`) or model.OPTION=VALUE (model.matching=cosine).")
+                                                            "MODEL`), model.OPTION=VALUE (model.matching=cosine), or "
+                                                            "a stage's, as for `run` (features.video_encoder=...).")
                           ] = None,
           tiny: Annotated[bool, typer.Option(help="The model's tiny test configuration.")] = False,
           runs: Annotated[Path, typer.Option(help="Folder for run folders.")] = Path("runs"),
@@ -424,10 +425,11 @@ def train(model: Annotated[Optional[str], typer.Argument(help="A registered mode
     else:
         if model is None:
             raise ConfigError("name a model to train (or --resume RUN)")
-        project = load_project(config)
+        train_settings, pipeline_settings = _train_and_pipeline_settings(set_)
+        project = load_project(config, pipeline_settings)
         raw = dict(project.train)
         raw["model"] = dict(raw.get("model", {}))
-        for item in set_ or []:
+        for item in train_settings:
             key, value = _split_setting(item)
             if key.startswith("model."):
                 raw["model"][key[len("model."):]] = value
@@ -485,6 +487,15 @@ def _fold_number(text: str) -> int:
         return int(text)
     except ValueError:
         raise ConfigError(f"--fold takes a fold number or 'all', got '{text}'") from None
+
+
+def _train_and_pipeline_settings(items: list[str] | None) -> tuple[list[str], list[str]]:
+    """`train --set` takes training options (epochs=5, model.matching=cosine) and, as `run --set` does, stage
+    options (features.video_encoder=...), which choose the stores the run reads."""
+    from affectprep.pipeline.stages import STAGES
+
+    pipeline = [i for i in items or [] if i.split("=", 1)[0].split(".")[0].strip() in (*STAGES, "stages", "datasets")]
+    return [i for i in items or [] if i not in pipeline], pipeline
 
 
 def _split_setting(item: str) -> tuple[str, object]:

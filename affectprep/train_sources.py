@@ -16,7 +16,7 @@ from affectprep.models.runs import Sources
 from affectprep.pipeline.dag import index_store, plan_stages
 from affectprep.pipeline.stage import cache_key
 from affectprep.pipeline.stages.emotions import checkpoint_saw
-from affectprep.store import Store
+from affectprep.store import Store, list_keys
 
 
 def resolve_sources(project: ProjectConfig, dataset: str, *, features: bool = False, text_version: str | None = None,
@@ -53,6 +53,8 @@ def resolve_sources(project: ProjectConfig, dataset: str, *, features: bool = Fa
         for stage in ("features", "audio_features"):
             if stage in single:
                 stores[stage] = single[stage].store
+            elif (made := _made_without_config(project, dataset, stage, single)) is not None:
+                stores[stage] = made
         if not {"features", "audio_features"} & set(stores):
             raise ConfigError("--from features needs cached features: set stages.features.video_encoder (video), "
                               "or stages.audio_features.speech_encoder and .text_encoder (speech), and run that stage")
@@ -80,6 +82,24 @@ def resolve_sources(project: ProjectConfig, dataset: str, *, features: bool = Fa
     if au_names:   # AU data trains no text; its folds are its own (a separate --au-fold)
         fold_stores, leaks = {}, {}
     return Sources(dataset, label_names, stores, au_names, facs_ids, fold_stores=fold_stores, text_leaks=leaks)
+
+
+def _made_without_config(project: ProjectConfig, dataset: str, stage: str, single: dict[str, Any]) -> Store | None:
+    """The features a user made with `run --stage STAGE --set STAGE.ENCODER=...` while the project file leaves
+    the stage unconfigured (the README's recipe): the one store of that stage built on the current upstream stores.
+    Several such stores are ambiguous: the user names the encoder (`train --set STAGE.OPTION=...`)."""
+    made = []
+    for key in list_keys(project.cache, dataset, stage):
+        store = Store(project.cache, dataset, stage, key)
+        inputs = (store.read_config() or {}).get("inputs") or {}
+        if store.exists() and inputs and all(up in single and single[up].key == k for up, k in inputs.items()):
+            made.append(store)
+    if len(made) > 1:
+        encoders = sorted({json.dumps({k: v for k, v in (s.read_config() or {}).get("config", {}).items()
+                                       if k.endswith("encoder") and v}) for s in made})
+        raise ConfigError(f"dataset '{dataset}' has {len(made)} {stage} stores ({', '.join(encoders)}): say which "
+                          f"with --set {stage}.OPTION=VALUE, as the run that made it did")
+    return made[0] if made else None
 
 
 def _text_store(project: ProjectConfig, dataset: str, version: str) -> Store:

@@ -241,6 +241,30 @@ def test_features_stages_cache_backbones_and_train_heads_only(project, tmp_path)
     assert RunFolder(run).read_json("results.json")["num_samples"] == 14
 
 
+def test_the_readme_features_recipe_works_as_written(project, tmp_path):
+    # `run --stage features --set features.video_encoder=X && train ... --from features`, the project file
+    # leaving the stage unconfigured: train finds the store that run made (in a copy: a project moves whole).
+    copy = tmp_path / "project"
+    shutil.copytree(project.path.parent, copy, ignore=shutil.ignore_patterns("features", "text_features"))
+    video, _ = _save_tiny_encoders(tmp_path)
+
+    def cli(*args):
+        return subprocess.run([sys.executable, "-m", "affectprep", *args, "--config", str(copy / "affectprep.toml")],
+                              capture_output=True, text=True, timeout=600, cwd=tmp_path,
+                              env={**os.environ, "OMP_NUM_THREADS": "1"})
+    made = cli("run", "--stage", "features", "--set", f"features.video_encoder={video}", "--scheduler", "inline")
+    assert made.returncode == 0, made.stderr
+    tiny = ["--tiny", "--fold", "1", "--from", "features", "--set", "epochs=1", "--set", "num_workers=0",
+            "--set", "batch_size=8", "--runs", str(tmp_path / "runs")]
+    trained = cli("train", "grace", *tiny)
+    assert trained.returncode == 0 and "Traceback" not in trained.stderr, trained.stderr
+    stores = json.loads(next((tmp_path / "runs").glob("grace-*/stores.json")).read_text())
+    assert stores["expression"]["stores"]["features"]["cache"] == str(copy / "cache")
+    # The same with the stage option given to train, as a stage option of `run` is.
+    again = cli("train", "grace", *tiny, "--set", f"features.video_encoder={video}")
+    assert again.returncode == 0, again.stderr
+
+
 def test_features_stage_is_opt_in_and_says_what_to_set(project):
     from affectprep.config import ConfigError
 
