@@ -217,6 +217,10 @@ class DatasetPlan:
         position = self.stages.index(plan)
         return all(self.status(p, sid) == S.STATUS_OK for p in self.stages[:position] if self.applies(p, sid))
 
+    def refresh(self, plan: StagePlan) -> None:
+        """Read the stage's completion again from its store (parts a dead worker renamed before its reply)."""
+        self._stored.pop(plan.name, None)
+
     def record(self, plan: StagePlan, rows: list[dict[str, Any]]) -> None:
         """Rows just written to the stage's store."""
         stored = self.stored(plan)
