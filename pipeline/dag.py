@@ -411,28 +411,20 @@ class _Runner:
             self.client, self.as_completed, self.workers = _connect(self.scheduler, self.workers, self.stack)
 
     def _done(self, plan: DatasetPlan, stage: StagePlan, sid: str) -> bool:
-        status = plan.status(stage, sid)
-        return status == S.STATUS_OK or (status is not None and not self.retry_failed)
+        return plan.is_done(stage, sid, self.retry_failed)
 
     def run_dataset(self, plan: DatasetPlan, limit: int | None) -> list[StageReport]:
         population = plan.population(limit)
         kinds = {plan.samples[sid]["media_kind"] for sid in population}
         reports = [StageReport(plan.dataset, p.name, p.key, total=len(plan.applicable(p, population)),
-                               done_before=sum(self._done(plan, p, s) for s in plan.applicable(p, population)),
+                               done_before=len(plan.done(p, population, self.retry_failed)),
                                stale=len(plan.stale(p, population)), note=p.stage.skip_note(kinds))
                    for p in plan.stages]
         for segment in _segments(plan.stages):
             first = plan.stages.index(segment[0])
-            # A sample can run from a stage when every earlier stage that applies to it is done and ok.
-            ready: dict[int, list[str]] = {}
-            for sid in population:
-                todo = [plan.stages.index(p) for p in segment if plan.applies(p, sid) and not self._done(plan, p, sid)]
-                if not todo:
-                    continue
-                if plan.upstream_ok(plan.stages[todo[0]], sid):
-                    ready.setdefault(todo[0], []).append(sid)
-                else:
-                    reports[todo[0]].blocked += 1
+            ready, blocked = plan.todo(segment, population, self.retry_failed)
+            for position, count in blocked.items():
+                reports[position].blocked += count
             if segment[0].stage.scope == "dataset":
                 self._run_dataset_stage(plan, segment[0], ready.get(first, []), reports[first])
             elif ready:
@@ -451,7 +443,7 @@ class _Runner:
             return
         if not stage.reads and stage_plan.store.exists():
             return
-        ready = [sid for sid in plan.population() if plan.applies(stage_plan, sid) and plan.upstream_ok(stage_plan, sid)]
+        ready = plan.ready(stage_plan)
         digests = plan.expected(stage_plan)
         with stage_plan.store.lock():
             stage_plan.store.write_config(stage_plan.config)
