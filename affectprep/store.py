@@ -101,6 +101,7 @@ class Store:
         self.schema = S.schema_for(stage)
         self._index: _Index | None = None
         self._locked = False
+        self._files: dict[str, pq.ParquetFile] = {}   # open parts (immutable), so a loader's reads skip the footer
 
     def __repr__(self) -> str:
         return f"Store({self.dataset}/{self.stage}/{self.key})"
@@ -248,6 +249,7 @@ class Store:
         self._index = kept
         self.save_index()
         for part in parts:
+            self._forget(part)
             (self.path / part).unlink(missing_ok=True)   # a corrupt part was moved aside while reading
         return len(parts)
 
@@ -405,8 +407,7 @@ class Store:
         out_cols = columns or self.schema.names
         read_cols = list(dict.fromkeys(["sample_id", "status", *out_cols]))
         try:
-            file = pq.ParquetFile(self.path / part)
-            self._check_version(self.path / part, file.schema_arrow)
+            file = self._file(part)
             for group in (groups if groups is not None else range(file.metadata.num_row_groups)):
                 table = file.read_row_group(group, columns=read_cols)
                 keep = [(r := rows.get(sid)) is not None and r[2] == part and r[3] == group
@@ -416,11 +417,28 @@ class Store:
                     yield table.select(list(dict.fromkeys([*out_cols, "status"])))
         except FileNotFoundError:
             self._index = None   # compacted away under us: read again from the new parts
+            self._forget(part)
             raise _Corrupt() from None
         except (pa.ArrowInvalid, OSError) as e:
+            self._forget(part)
             self._quarantine(self.path / part, e)
             self._index = None
             raise _Corrupt() from None
+
+    def _forget(self, part: str) -> None:
+        file = self._files.pop(part, None)
+        if file is not None:
+            file.close()
+
+    def _file(self, part: str) -> pq.ParquetFile:
+        file = self._files.get(part)
+        if file is None:
+            file = pq.ParquetFile(self.path / part)
+            self._check_version(self.path / part, file.schema_arrow)
+            if len(self._files) >= 64:
+                self._files.pop(next(iter(self._files))).close()
+            self._files[part] = file
+        return file
 
     def size_bytes(self) -> int:
         return sum(p.stat().st_size for p in self.parts())
