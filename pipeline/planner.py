@@ -165,23 +165,33 @@ class DatasetPlan:
         self.samples: dict[str, dict[str, Any]] = {row["sample_id"]: row for row in table.to_pylist()}
         self._stored: dict[str, dict[str, tuple[str, str | None]]] = {}
         self._expected: dict[str, dict[str, str | None]] = {}
+        # Worked out once per stage (a 300k-sample dataset asks per sample many times): the samples a stage
+        # applies to, and the status of each sample's current row.
+        self._applies: dict[str, set[str]] = {}
+        self._current: dict[str, dict[str, str]] = {}
+        self._sorted = sorted(self.samples)
 
     # ---- which samples -----------------------------------------------------------------------------------------
 
     def population(self, limit: int | None = None) -> list[str]:
         """The index's usable samples in id order, the first `limit` of them."""
-        ids = sorted(self.samples)
-        return ids[:limit] if limit is not None else ids
+        return self._sorted[:limit] if limit is not None else list(self._sorted)
 
     def applies(self, plan: StagePlan, sid: str) -> bool:
-        sample = self.samples.get(sid)
-        return sample is not None and applies_to(plan.stage, sample["media_kind"], sample["label"])
+        return sid in self._applying(plan)
+
+    def _applying(self, plan: StagePlan) -> set[str]:
+        if plan.name not in self._applies:
+            self._applies[plan.name] = {sid for sid, sample in self.samples.items()
+                                        if applies_to(plan.stage, sample["media_kind"], sample["label"])}
+        return self._applies[plan.name]
 
     def applicable(self, plan: StagePlan, population: list[str]) -> list[str]:
         """The samples of `population` the stage has work for (an asset's rows are not samples: its stored ids)."""
         if not plan.stage.reads:
             return list(self.stored(plan))
-        return [sid for sid in population if self.applies(plan, sid)]
+        applying = self._applying(plan)
+        return [sid for sid in population if sid in applying]
 
     # ---- what is stored, and whether it is current -------------------------------------------------------------
 
@@ -192,12 +202,18 @@ class DatasetPlan:
 
     def status(self, plan: StagePlan, sid: str) -> str | None:
         """"ok" / "failed" for a current row, None when the sample has no row or only a stale one."""
-        row = self.stored(plan).get(sid)
-        if row is None:
-            return None
-        if plan.stage.reads and row[1] != self.expected(plan).get(sid):
-            return None
-        return row[0]
+        return self.current(plan).get(sid)
+
+    def current(self, plan: StagePlan) -> dict[str, str]:
+        """sample -> status of its current row (made from the inputs the current index gives)."""
+        if plan.name not in self._current:
+            stored = self.stored(plan)
+            if not plan.stage.reads:
+                self._current[plan.name] = {sid: row[0] for sid, row in stored.items()}
+            else:
+                expected = self.expected(plan)
+                self._current[plan.name] = {sid: row[0] for sid, row in stored.items() if row[1] == expected.get(sid)}
+        return self._current[plan.name]
 
     def is_done(self, plan: StagePlan, sid: str, retry_failed: bool = False) -> bool:
         """The sample has a current row (a failed one counts unless `retry_failed`)."""
@@ -264,12 +280,21 @@ class DatasetPlan:
     def refresh(self, plan: StagePlan) -> None:
         """Read the stage's completion again from its store (parts a dead worker renamed before its reply)."""
         self._stored.pop(plan.name, None)
+        self._current.pop(plan.name, None)
 
     def record(self, plan: StagePlan, rows: list[dict[str, Any]]) -> None:
         """Rows just written to the stage's store."""
         stored = self.stored(plan)
+        current = self._current.get(plan.name)
+        expected = self.expected(plan) if plan.stage.reads else {}
         for row in rows:
-            stored[row["sample_id"]] = (row["status"], row.get("input_digest"))
+            sid, digest_ = row["sample_id"], row.get("input_digest")
+            stored[sid] = (row["status"], digest_)
+            if current is not None:
+                if not plan.stage.reads or digest_ == expected.get(sid):
+                    current[sid] = row["status"]
+                else:
+                    current.pop(sid, None)
         # What a stage after this one learns from (the samples ready for it) may have changed: its digests, and
         # those of the stages after it, are worked out again when next asked for.
         position = self.stages.index(plan)
@@ -278,6 +303,7 @@ class DatasetPlan:
         if learner is not None:
             for p in self.stages[learner:]:
                 self._expected.pop(p.name, None)
+                self._current.pop(p.name, None)
 
     # ---- input digests -----------------------------------------------------------------------------------------
 
