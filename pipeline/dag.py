@@ -228,12 +228,16 @@ def run_chain(steps: list[ChainStep], ids: list[str], batch: int,
     retry: list[str] = []
     pending = list(ids)
     nbytes = 0
+    # The index's rows are small: read once for the task (a row group holds thousands), the others per batch.
+    prefetched = {up: {row["sample_id"]: row for row in replace(src, ids=tuple(ids)).read()}
+                  for step in steps for up, src in step.inputs.items() if src is not None and up == "index"}
     while pending:
         sub, pending = pending[:batch], pending[batch:]
         produced: dict[str, list[dict]] = {}
         for i, step in enumerate(steps):
-            inputs = {up: produced[up] if src is None else replace(src, ids=tuple(sub))
-                      for up, src in step.inputs.items()}
+            inputs = {up: produced[up] if src is None else
+                      [prefetched[up][sid] for sid in sub if sid in prefetched[up]] if up in prefetched else
+                      replace(src, ids=tuple(sub)) for up, src in step.inputs.items()}
             try:
                 out = run_batch(step.stage, step.key, sub, inputs, step.digests)
             except StageSetupError:
