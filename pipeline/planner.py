@@ -208,7 +208,9 @@ class DatasetPlan:
         """sample -> status of its current row (made from the inputs the current index gives)."""
         if plan.name not in self._current:
             stored = self.stored(plan)
-            if not plan.stage.reads:
+            if not stored:   # nothing stored: no digests to work out (300k of them cost seconds)
+                self._current[plan.name] = {}
+            elif not plan.stage.reads:
                 self._current[plan.name] = {sid: row[0] for sid, row in stored.items()}
             else:
                 expected = self.expected(plan)
