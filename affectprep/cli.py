@@ -243,7 +243,8 @@ def compact(config: ConfigOpt = Path(DEFAULT_CONFIG_FILE), cache: CacheOpt = Non
                 with store.lock():
                     removed = store.compact()
                 if removed:
-                    typer.echo(f"{name}/{stage}/{key}: {removed} parts -> 1 ({human_size(store.size_bytes())})")
+                    typer.echo(f"{name}/{stage}/{key}: {removed} parts -> {len(store.parts())} "
+                               f"({human_size(store.size_bytes())})")
 
 
 text_app = typer.Typer(no_args_is_help=True, help="Versions of the text assets (captions, CATE texts).")

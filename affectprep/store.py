@@ -2,12 +2,30 @@
 
     <cache>/<dataset>/<stage>/<key>/
         config.json           the fully resolved config and input keys that produced this key
-        part-<ns>-<pid>-<rand>.parquet
+        part-<ns>-<host>-<pid>-<rand>.parquet    rows, written by whoever computed them (a worker, or the client)
+        _status.parquet       the status index: sample id -> status, input digest, part and row group holding
+                              its newest row, and the names of the parts it covers (a cache of the parts)
         .lock                 held (flock) by the run writing here
 
-Each part file is written to a temporary name and renamed, so a reader never sees half a file and a killed run loses
-only the samples in flight. A sample is done once a part holds a row for it; if a sample is written again (a
-retried failure, a compaction), the row in the newest part wins, so every sample reads back exactly once.
+Each part file is written to a temporary name (`.part-….tmp`, never read as data), fsynced and renamed, so a reader
+never sees half a file and a kill loses only the rows not yet renamed. A sample is done once a part holds a row
+for it; if a sample is written again (a retried failure, a compaction), the row in the newest part wins (part names
+sort by time; a run passes `not_before_ns` so its parts sort after every part that existed when it started,
+whatever the writers' clocks say), so every sample reads back exactly once.
+
+Several writers, several hosts. The client of a run holds `.lock` (flock, dropped by the kernel when it dies) on
+every store it writes; its Dask tasks, on any host that sees the same filesystem, write their own parts with unique
+names (host, pid, random) and return to the client only the part's name, the sample ids in it, their statuses and
+errors. The completion record is the parts themselves: the status index is only a cache of them. A part written by
+a task whose result never reached the client (the client was killed, the worker died between the rename and its
+reply, Dask ran the task again elsewhere) is complete, valid data for this key: the next reader finds it in the
+directory listing, not in the index, reads its small columns and merges it (newest wins), and the next lock holder
+saves the merged index. Its samples are not redone; a sample written twice reads back once.
+
+The status index is written only by the lock holder (read-only commands write nothing), atomically. A reader
+checks it against the directory listing: parts it does not cover are merged in; a part it covers that is gone
+(compacted, quarantined) or an unreadable index means it is rebuilt from the parts. So an index deleted, stale, or
+left behind by a killed run always reads back what the parts say.
 """
 from __future__ import annotations
 
@@ -19,6 +37,7 @@ import time
 import uuid
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -30,8 +49,22 @@ from affectprep import schema as S
 
 
 CORRUPT_SUFFIX = ".corrupt"
+INDEX_FILE = "_status.parquet"
+INDEX_VERSION = "1"
 # Parts this process quarantined, (new path, reason), for the command to report at its end.
 QUARANTINED: list[tuple[Path, str]] = []
+
+# A row group holds this many rows, or ~64 MB, whichever comes first: large enough that a scan is a few big reads,
+# small enough that reading one sample (by the index's row group) reads little.
+GROUP_ROWS = 4096
+GROUP_BYTES = 64 << 20
+# A store with more parts than this, most of them small, is compacted by the run that wrote it.
+COMPACT_PARTS = 64
+SMALL_PART_ROWS = 1024
+
+_INDEX_SCHEMA = pa.schema([pa.field("sample_id", pa.string()), pa.field("status", pa.string()),
+                           pa.field("input_digest", pa.string()), pa.field("part", pa.string()),
+                           pa.field("row_group", pa.int32())])
 
 
 class StoreLocked(Exception):
@@ -42,12 +75,33 @@ class SchemaMismatch(Exception):
     """A part file was written by an incompatible schema version."""
 
 
+@dataclass
+class PartSummary:
+    """What the client needs to know of a part a worker wrote: its name and, in file order, the ids, statuses
+    and row-group sizes (and the error of each failed sample). A few bytes per sample."""
+    name: str
+    ids: list[str]
+    statuses: list[str]
+    group_rows: list[int]
+    errors: dict[str, str] = field(default_factory=dict)
+    digests: list[str | None] | None = None   # left out by workers: the client sent them
+
+
+@dataclass
+class _Index:
+    parts: set[str]                                            # part names it covers
+    rows: dict[str, tuple[str, str | None, str, int]]          # sid -> (status, digest, part, row group)
+    saved: bool = False                                         # what the index file on disk holds
+
+
 class Store:
     def __init__(self, cache: Path, dataset: str, stage: str, key: str):
         self.cache, self.dataset, self.stage, self.key = Path(cache), dataset, stage, key
         self.path = self.cache / dataset / stage / key
         self.schema = S.schema_for(stage)
-        self._winners: tuple[tuple[Path, ...], dict[str, int]] = ((), {})
+        self._index: _Index | None = None
+        self._locked = False
+        self._files: dict[str, pq.ParquetFile] = {}   # open parts (immutable), so a loader's reads skip the footer
 
     def __repr__(self) -> str:
         return f"Store({self.dataset}/{self.stage}/{self.key})"
@@ -56,7 +110,8 @@ class Store:
 
     @contextmanager
     def lock(self) -> Iterator[None]:
-        """Exclusive writer lock. flock is released by the kernel when the holder dies, even by SIGKILL."""
+        """Exclusive writer lock. flock is released by the kernel when the holder dies, even by SIGKILL. On the
+        way out the holder saves the status index."""
         self.path.mkdir(parents=True, exist_ok=True)
         fd = os.open(self.path / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
         try:
@@ -68,13 +123,22 @@ class Store:
             os.ftruncate(fd, 0)
             os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}".encode(), 0)
             self._remove_orphans()
-            yield
+            self._locked = True
+            try:
+                yield
+            finally:
+                try:
+                    self.save_index()
+                except OSError:   # a full or read-only disk: the parts are the record, the index only a cache
+                    pass
+                self._locked = False
         finally:
             os.close(fd)
 
     def _remove_orphans(self) -> None:
-        """Temporary files of a writer that was killed before its rename. Only the lock holder writes here, so
-        whatever temporary file exists when the lock is taken belongs to no one."""
+        """Temporary files of a writer that was killed before its rename. Only the lock holder's run writes here
+        (its own tasks, which start after this), so whatever temporary file exists when the lock is taken belongs
+        to no one."""
         for tmp in self.path.glob(".*.tmp"):
             tmp.unlink(missing_ok=True)
 
@@ -90,8 +154,20 @@ class Store:
         except (FileNotFoundError, json.JSONDecodeError, UnicodeDecodeError):
             return None
 
-    def write(self, rows: list[dict[str, Any]] | pa.Table, metadata: dict[str, str] | None = None) -> Path | None:
-        """Append rows as one new part file, atomically. Returns its path (None for no rows)."""
+    def write(self, rows: list[dict[str, Any]] | pa.Table, metadata: dict[str, str] | None = None,
+              not_before_ns: int = 0) -> Path | None:
+        """Append rows as one new part file, atomically. Returns its path (None for no rows). Safe to call from
+        any process (a worker): the name is unique, and the lock holder's index learns of the part from
+        `record()` or from the directory listing."""
+        summary = self.write_part(rows, metadata, not_before_ns)
+        if summary is None:
+            return None
+        self.record(summary)
+        return self.path / summary.name
+
+    def write_part(self, rows: list[dict[str, Any]] | pa.Table, metadata: dict[str, str] | None = None,
+                   not_before_ns: int = 0) -> PartSummary | None:
+        """Write a part and describe it, without touching the index (what a worker does)."""
         table = rows if isinstance(rows, pa.Table) else pa.Table.from_pylist(rows, schema=self.schema)
         if table.num_rows == 0:
             return None
@@ -99,32 +175,167 @@ class Store:
             table = table.replace_schema_metadata({**(table.schema.metadata or {}),
                                                    **{k.encode(): v.encode() for k, v in metadata.items()}})
         self.path.mkdir(parents=True, exist_ok=True)
-        name = f"part-{time.time_ns():020d}-{os.getpid()}-{uuid.uuid4().hex[:8]}.parquet"
+        name = _part_name(not_before_ns)
         tmp = self.path / f".{name}.tmp"
-        pq.write_table(table, tmp, compression="zstd")
+        group = _group_rows(table)
+        pq.write_table(table, tmp, compression="zstd", row_group_size=group)
         _fsync_and_rename(tmp, self.path / name)
-        return self.path / name
+        ids = table.column("sample_id").to_pylist()
+        statuses = table.column("status").to_pylist()
+        errors = {sid: err for sid, status, err in zip(ids, statuses, table.column("error").to_pylist())
+                  if status != S.STATUS_OK and err}
+        sizes = [min(group, table.num_rows - start) for start in range(0, table.num_rows, group)]
+        return PartSummary(name, ids, statuses, sizes, errors, table.column("input_digest").to_pylist())
 
-    def compact(self) -> int:
-        """Rewrite the store as one part holding the newest row of each sample; returns the parts removed.
+    def record(self, summary: PartSummary, digests: dict[str, str | None] | None = None) -> None:
+        """A part just written here (by this process or a worker): added to the index without reopening it.
+        `digests`: the input digests the client sent with the task, for a summary that leaves them out."""
+        if self._index is None:
+            return   # loaded from the parts when first asked for, the new part included
+        if summary.digests is not None:
+            values = summary.digests
+        else:
+            values = [(digests or {}).get(sid) for sid in summary.ids]
+        self._merge(self._index, summary.name, summary.ids, summary.statuses, values, summary.group_rows)
 
-        Streams part by part, so memory stays bounded by one part. The merged part is renamed into place before the
-        old parts are deleted: a crash in between leaves duplicates that read back once (the merged part is newest).
-        Call it under `lock()`."""
-        parts = self.parts()
+    def compact(self, small_only: bool = False) -> int:
+        """Rewrite the store's rows (the newest of each sample) into parts of large row groups; returns the parts
+        removed. `small_only`: merge only the parts under SMALL_PART_ROWS rows (what a run does on its own).
+
+        Streams part by part, so memory stays bounded by a row group. The merged part holds only winning rows and
+        is newest, and is renamed into place (and the index saved) before the old parts are deleted: a crash in
+        between leaves duplicates that read back once. Call it under `lock()`."""
+        index = self._load()
+        parts = sorted(index.parts)
+        if small_only:
+            sizes = _part_rows(self.path, parts)
+            parts = [p for p in parts if sizes.get(p, 0) < SMALL_PART_ROWS]
         if len(parts) < 2:
             return 0
-        name = f"part-{time.time_ns():020d}-{os.getpid()}-{uuid.uuid4().hex[:8]}.parquet"
+        name = _part_name(0)
         tmp = self.path / f".{name}.tmp"
         metadata = {k.encode(): v.encode() for k, v in self.metadata().items()}
-        with pq.ParquetWriter(tmp, self.schema.with_metadata(metadata), compression="zstd") as writer:
-            for table in self.iter_tables():
-                writer.write_table(table.cast(self.schema.with_metadata(metadata)))
+        schema = self.schema.with_metadata(metadata)
+        chosen = set(parts)
+        written: list[tuple[list[str], list[str], list[str | None]]] = []
+        groups: list[int] = []
+        buffer: list[pa.Table] = []
+        with pq.ParquetWriter(tmp, schema, compression="zstd") as writer:
+            def flush() -> None:
+                if not buffer:
+                    return
+                table = pa.concat_tables(buffer).cast(schema)
+                buffer.clear()
+                writer.write_table(table, row_group_size=table.num_rows)
+                groups.append(table.num_rows)
+                written.append((table.column("sample_id").to_pylist(), table.column("status").to_pylist(),
+                                table.column("input_digest").to_pylist()))
+            rows = nbytes = 0
+            for part in parts:
+                for table in self._winning_rows(index, part, None, None):
+                    buffer.append(table)
+                    rows, nbytes = rows + table.num_rows, nbytes + table.nbytes
+                    if rows >= GROUP_ROWS or nbytes >= GROUP_BYTES:
+                        flush()
+                        rows = nbytes = 0
+            flush()
         _fsync_and_rename(tmp, self.path / name)
+        # The new index: the parts kept, and the merged part for the rows it holds.
+        kept = _Index(index.parts - chosen, {s: r for s, r in index.rows.items() if r[2] not in chosen})
+        kept.parts.add(name)
+        for group, (ids, statuses, digests) in enumerate(written):
+            for sid, status, dig in zip(ids, statuses, digests):
+                kept.rows[sid] = (status, dig, name, group)
+        self._index = kept
+        self.save_index()
         for part in parts:
-            part.unlink(missing_ok=True)   # a corrupt part was moved aside while reading
-        self._winners = ((), {})
+            self._forget(part)
+            (self.path / part).unlink(missing_ok=True)   # a corrupt part was moved aside while reading
         return len(parts)
+
+    def needs_compaction(self) -> bool:
+        """Many parts, most of them small: what a run's small tasks leave behind."""
+        parts = self.parts()
+        if len(parts) <= COMPACT_PARTS:
+            return False
+        sizes = _part_rows(self.path, [p.name for p in parts])
+        return sum(n < SMALL_PART_ROWS for n in sizes.values()) > COMPACT_PARTS
+
+    # ---- the status index ----------------------------------------------------------------------------------------
+
+    def save_index(self) -> None:
+        """Write the status index, if this process holds the lock and it changed. Atomic, like a part."""
+        if not self._locked or not self.path.is_dir():
+            return
+        index = self._load()
+        if index.saved:
+            return
+        ids = list(index.rows)
+        values = list(index.rows.values())
+        table = pa.table({"sample_id": ids, "status": [v[0] for v in values], "input_digest": [v[1] for v in values],
+                          "part": [v[2] for v in values], "row_group": [v[3] for v in values]}, schema=_INDEX_SCHEMA)
+        table = table.replace_schema_metadata({b"affectprep.index_version": INDEX_VERSION.encode(),
+                                               b"affectprep.parts": json.dumps(sorted(index.parts)).encode()})
+        tmp = self.path / f".{INDEX_FILE}.{os.getpid()}.tmp"
+        pq.write_table(table, tmp, compression="zstd", use_dictionary=["part", "status"])
+        _fsync_and_rename(tmp, self.path / INDEX_FILE)
+        index.saved = True
+
+    def _load(self) -> _Index:
+        """The index, checked against the directory listing (one listdir, no part opened when nothing changed)."""
+        names = {p.name for p in self.parts()}
+        index = self._index
+        if index is not None and index.parts == names:
+            return index
+        if index is None or not index.parts <= names:
+            index = self._read_index_file(names)
+        if index is None or not index.parts <= names:
+            index = _Index(set(), {})   # rebuilt from the parts
+        for name in sorted(names - index.parts):
+            self._merge_from_file(index, name)
+        self._index = index
+        return index
+
+    def _read_index_file(self, names: set[str]) -> _Index | None:
+        try:
+            table = pq.read_table(self.path / INDEX_FILE)
+            meta = table.schema.metadata or {}
+            if meta.get(b"affectprep.index_version") != INDEX_VERSION.encode():
+                return None
+            parts = set(json.loads(meta[b"affectprep.parts"]))
+        except (FileNotFoundError, OSError, pa.ArrowInvalid, KeyError, ValueError):
+            return None   # missing, cut short, foreign: rebuilt from the parts
+        if not parts <= names:
+            return None
+        cols = [table.column(c).to_pylist() for c in ("sample_id", "status", "input_digest", "part", "row_group")]
+        rows = {sid: (status, dig, part, group) for sid, status, dig, part, group in zip(*cols)}
+        return _Index(parts, rows, saved=True)
+
+    def _merge_from_file(self, index: _Index, name: str) -> None:
+        part = self.path / name
+        table = self._read_part(part, ["sample_id", "status", "input_digest"])
+        if table is None:
+            return   # quarantined: not a part any more
+        try:
+            meta = pq.read_metadata(part)
+            groups = [meta.row_group(i).num_rows for i in range(meta.num_row_groups)]
+        except (OSError, pa.ArrowInvalid):
+            return
+        self._merge(index, name, table.column("sample_id").to_pylist(), table.column("status").to_pylist(),
+                    table.column("input_digest").to_pylist(), groups)
+
+    @staticmethod
+    def _merge(index: _Index, name: str, ids: list[str], statuses: list[str], digests: list[str | None],
+               group_rows: list[int]) -> None:
+        """Add a part's rows: a row wins where its part is newer (sorts later) than the one holding the sample."""
+        positions = [g for g, n in enumerate(group_rows) for _ in range(n)]
+        rows = index.rows
+        for sid, status, dig, group in zip(ids, statuses, digests, positions):
+            held = rows.get(sid)
+            if held is None or held[2] <= name:
+                rows[sid] = (status, dig, name, group)
+        index.parts.add(name)
+        index.saved = False
 
     # ---- reading -------------------------------------------------------------------------------------------------
 
@@ -132,7 +343,7 @@ class Store:
         """Part files, oldest first (their names start with a nanosecond timestamp)."""
         if not self.path.is_dir():
             return []
-        return sorted(self.path.glob("part-*.parquet"))
+        return sorted(p for p in self.path.glob("part-*.parquet"))
 
     def exists(self) -> bool:
         return bool(self.parts())
@@ -146,19 +357,12 @@ class Store:
         return {}
 
     def statuses(self) -> dict[str, str]:
-        """sample_id -> status of its newest row. Reads only two small columns."""
-        return {sid: status for sid, (status, _) in self.completion().items()}
+        """sample_id -> status of its newest row, from the status index."""
+        return {sid: row[0] for sid, row in self._load().rows.items()}
 
     def completion(self) -> dict[str, tuple[str, str | None]]:
-        """sample_id -> (status, input digest) of its newest row. Reads only three small columns."""
-        out: dict[str, tuple[str, str | None]] = {}
-        for part in self.parts():
-            t = self._read_part(part, ["sample_id", "status", "input_digest"])
-            if t is None:
-                continue
-            out.update(zip(t.column("sample_id").to_pylist(),
-                           zip(t.column("status").to_pylist(), t.column("input_digest").to_pylist())))
-        return out
+        """sample_id -> (status, input digest) of its newest row, from the status index."""
+        return {sid: (row[0], row[1]) for sid, row in self._load().rows.items()}
 
     def read(self, columns: list[str] | None = None, ids: Iterable[str] | None = None,
              status: str | None = None) -> pa.Table:
@@ -168,64 +372,103 @@ class Store:
 
     def iter_tables(self, columns: list[str] | None = None, ids: Iterable[str] | None = None,
                     status: str | None = None) -> Iterator[pa.Table]:
-        """Stream the store part by part, so memory stays bounded by one part whatever the store's size."""
+        """Stream the store a row group at a time, so memory stays bounded whatever the store's size. With `ids`,
+        only the row groups holding their newest rows are read."""
         wanted = set(ids) if ids is not None else None
-        parts, winner = self._winning_parts()
-        # With ids given, only the parts that hold their newest rows are opened.
-        needed = {winner[s] for s in wanted if s in winner} if wanted is not None else range(len(parts))
         cols = columns or self.schema.names
-        read_cols = list(dict.fromkeys(["sample_id", "status", *cols]))
-        for i in sorted(needed):
-            t = self._read_part(parts[i], read_cols)
-            if t is None:
-                continue
-            keep = [winner[sid] == i and (wanted is None or sid in wanted)
-                    for sid in t.column("sample_id").to_pylist()]
-            t = t.filter(pa.array(keep, pa.bool_()))
-            if status is not None:
-                t = t.filter(pc.equal(t.column("status"), status))
-            if t.num_rows:
-                yield t.select(cols)
+        for _ in range(3):   # a part found corrupt is quarantined, and its samples read from their older rows
+            index = self._load()
+            lost: set[str] = set()
+            if wanted is None:
+                targets = sorted(index.parts)
+            else:
+                targets = sorted({index.rows[s][2] for s in wanted if s in index.rows})
+            for part in targets:
+                try:
+                    for table in self._winning_rows(index, part, wanted, cols):
+                        if status is not None:
+                            table = table.filter(pc.equal(table.column("status"), status))
+                        if table.num_rows:
+                            yield table.select(cols)
+                except _Corrupt:
+                    lost |= {s for s, r in index.rows.items() if r[2] == part and (wanted is None or s in wanted)}
+            if not lost:
+                return
+            wanted = lost
+
+    def _winning_rows(self, index: _Index, part: str, wanted: set[str] | None,
+                      columns: list[str] | None) -> Iterator[pa.Table]:
+        """The rows of `part` that are their sample's newest (and wanted), a row group at a time."""
+        rows = index.rows
+        if wanted is None:
+            groups = None
+        else:
+            groups = sorted({rows[s][3] for s in wanted if s in rows and rows[s][2] == part})
+        out_cols = columns or self.schema.names
+        read_cols = list(dict.fromkeys(["sample_id", "status", *out_cols]))
+        try:
+            file = self._file(part)
+            for group in (groups if groups is not None else range(file.metadata.num_row_groups)):
+                table = file.read_row_group(group, columns=read_cols)
+                keep = [(r := rows.get(sid)) is not None and r[2] == part and r[3] == group
+                        and (wanted is None or sid in wanted) for sid in table.column("sample_id").to_pylist()]
+                table = table.filter(pa.array(keep, pa.bool_()))
+                if table.num_rows:
+                    yield table.select(list(dict.fromkeys([*out_cols, "status"])))
+        except FileNotFoundError:
+            self._index = None   # compacted away under us: read again from the new parts
+            self._forget(part)
+            raise _Corrupt() from None
+        except (pa.ArrowInvalid, OSError) as e:
+            self._forget(part)
+            self._quarantine(self.path / part, e)
+            self._index = None
+            raise _Corrupt() from None
+
+    def _forget(self, part: str) -> None:
+        file = self._files.pop(part, None)
+        if file is not None:
+            file.close()
+
+    def _file(self, part: str) -> pq.ParquetFile:
+        file = self._files.get(part)
+        if file is None:
+            file = pq.ParquetFile(self.path / part)
+            self._check_version(self.path / part, file.schema_arrow)
+            if len(self._files) >= 64:
+                self._files.pop(next(iter(self._files))).close()
+            self._files[part] = file
+        return file
 
     def size_bytes(self) -> int:
         return sum(p.stat().st_size for p in self.parts())
 
-    def _winning_parts(self) -> tuple[tuple[Path, ...], dict[str, int]]:
-        """The parts, and for each sample the position of the part holding its newest row. Cached until the set
-        of parts changes, so reading a few samples at a time does not rescan the store."""
-        parts = tuple(self.parts())
-        cached_parts, winner = self._winners
-        if parts[:len(cached_parts)] != cached_parts:
-            cached_parts, winner = (), {}
-        for i in range(len(cached_parts), len(parts)):
-            table = self._read_part(parts[i], ["sample_id"])
-            if table is None:   # quarantined: the part positions changed
-                self._winners = ((), {})
-                return self._winning_parts()
-            for sid in table.column("sample_id").to_pylist():
-                winner[sid] = i
-        self._winners = (parts, winner)
-        return parts, winner
+    def _check_version(self, part: Path, schema: pa.Schema) -> None:
+        version = (schema.metadata or {}).get(b"affectprep.schema_version", b"?").decode()
+        if version != str(S.SCHEMA_VERSION):
+            raise SchemaMismatch(f"{part} has schema version {version}, this affectprep reads {S.SCHEMA_VERSION}; "
+                                 f"rerun the stage or delete {self.path}")
 
     def _read_part(self, part: Path, columns: list[str]) -> pa.Table | None:
         """The part's columns; None for a part that is not readable Parquet (quarantined on the spot)."""
         schema = self._read_schema(part)
         if schema is None:
             return None
-        version = (schema.metadata or {}).get(b"affectprep.schema_version", b"?").decode()
-        if version != str(S.SCHEMA_VERSION):
-            raise SchemaMismatch(f"{part} has schema version {version}, this affectprep reads {S.SCHEMA_VERSION}; "
-                                 f"rerun the stage or delete {self.path}")
+        self._check_version(part, schema)
         try:
             return pq.read_table(part, columns=columns)
-        except pa.ArrowInvalid as e:
+        except FileNotFoundError:
+            return None
+        except (pa.ArrowInvalid, OSError) as e:
             self._quarantine(part, e)
             return None
 
     def _read_schema(self, part: Path) -> pa.Schema | None:
         try:
             return pq.read_schema(part)
-        except pa.ArrowInvalid as e:
+        except FileNotFoundError:
+            return None
+        except (pa.ArrowInvalid, OSError) as e:
             self._quarantine(part, e)
             return None
 
@@ -244,6 +487,37 @@ class Store:
     def corrupt_parts(self) -> list[Path]:
         """Parts moved aside because they could not be read (see `_quarantine`)."""
         return sorted(self.path.glob(f"part-*{CORRUPT_SUFFIX}")) if self.path.is_dir() else []
+
+
+class _Corrupt(Exception):
+    """A part vanished or could not be read while streaming it."""
+
+
+def _part_name(not_before_ns: int) -> str:
+    stamp = max(time.time_ns(), not_before_ns)
+    host = "".join(c for c in socket.gethostname() if c.isalnum())[:16] or "host"
+    return f"part-{stamp:020d}-{host}-{os.getpid()}-{uuid.uuid4().hex[:8]}.parquet"
+
+
+def next_part_floor(store: Store) -> int:
+    """A timestamp after every part of the store: a run's parts named from it sort after all that exist."""
+    stamps = [int(p.name.split("-")[1]) for p in store.parts() if p.name.split("-")[1].isdigit()]
+    return max([time.time_ns(), *(s + 1 for s in stamps)])
+
+
+def _group_rows(table: pa.Table) -> int:
+    per_row = max(1, table.nbytes // max(1, table.num_rows))
+    return max(1, min(GROUP_ROWS, GROUP_BYTES // per_row))
+
+
+def _part_rows(folder: Path, names: list[str]) -> dict[str, int]:
+    out = {}
+    for name in names:
+        try:
+            out[name] = pq.read_metadata(folder / name).num_rows
+        except (OSError, pa.ArrowInvalid):
+            out[name] = 0
+    return out
 
 
 def list_keys(cache: Path, dataset: str, stage: str) -> list[str]:

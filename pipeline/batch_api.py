@@ -52,8 +52,7 @@ def pending_requests(project: ProjectConfig, dataset: str, stage: str, test_fold
     target = variants[test_fold]
     if getattr(target.stage, "kind", None) != "openai":
         raise ConfigError(f"stage '{stage}' uses '{target.stage.kind}', not an openai:<model> backend")
-    pending = [sid for sid in plan.applicable(target, plan.population())
-               if plan.status(target, sid) != S.STATUS_OK and plan.upstream_ok(target, sid)]
+    pending = plan.pending(target)
     digests = plan.expected(target)
     rows = [{**row, "input_digest": digests.get(row["sample_id"])}
             for row in joined_rows(plan, target, pending, set(pending))]

@@ -1,23 +1,29 @@
 """Run the stages of a project as a Dask DAG, incrementally and resumably.
 
 Per dataset: build (or reuse) the index, ask the dataset's plan (planner.py) which samples each stage still has
-to do, and submit a chain of tasks from the first stage a sample needs to the target stage, a few samples per
-chain. Tasks return rows; the client writes them to the stores as they complete, so a killed run loses only what
-was in flight. Local runs start an in-process LocalCluster; `scheduler="tcp://host:port"` uses an existing
+to do, and submit a chain of tasks from the first stage a sample needs to the target stage, up to TASK_ROWS samples per
+task. A task runs its samples through every stage of the chain a batch at a time, buffering each stage's rows until
+a row / byte / time bound, then writes one part per stage itself (atomic, unique name, next to the store) and
+returns only ids, statuses, errors and part names: the client records completion and never carries the rows. A
+killed run loses only what was buffered in flight (at most TASK_SECONDS of work per task). Samples a task left
+for the time bound come back as a new task. Local runs start an in-process LocalCluster; `scheduler="tcp://host:port"` uses an existing
 cluster; `scheduler="inline"` runs everything in this process, one batch at a time, for debugging.
 """
 from __future__ import annotations
 
 import json
+import math
 import os
+import pickle
 import signal
 import sys
 import threading
+import time
 from collections import deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future
 from contextlib import ExitStack
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +31,7 @@ from tqdm import tqdm
 
 from affectprep import schema as S
 from affectprep.config import ConfigError, DatasetConfig, ProjectConfig
-from affectprep.store import Store
+from affectprep.store import PartSummary, Store, next_part_floor
 
 from .datasets import DatasetError, index_table
 from .planner import (DatasetPlan, StagePlan, applies_to, dataset_names, describe, index_counts, index_store,
@@ -35,6 +41,12 @@ from .stages import STAGES
 
 __all__ = ["DatasetPlan", "RunReport", "StagePlan", "StageReport", "applies_to", "dataset_names", "describe",
            "ensure_index", "index_store", "joined_rows", "plan_stages", "run_pipeline", "stage_configs"]
+
+
+# A task's bounds: samples per task, and what it buffers before writing its parts and returning.
+TASK_ROWS = 1024
+TASK_BYTES = 256 << 20
+TASK_SECONDS = 30.0
 
 
 class StageSetupError(Exception):
@@ -60,6 +72,7 @@ class StageReport:
 class RunReport:
     stages: list[StageReport] = field(default_factory=list)
     index: dict[str, dict[str, Any]] = field(default_factory=dict)   # dataset -> ok / failed / excluded counts
+    client_bytes: int = 0   # pickled size of the task results the client received (ids, statuses, part names)
 
     @property
     def failed(self) -> int:
@@ -176,6 +189,95 @@ def run_batch(stage: Stage, key: str, ids: list[str], inputs: dict[str, Any], di
     return out
 
 
+@dataclass(frozen=True)
+class ChainStep:
+    """One stage of a task's chain: the stage, the store it writes, where its inputs come from (a StoreSlice
+    without ids for an upstream read from its store; None for one computed earlier in the chain), and the input
+    digest each sample's row must carry."""
+    stage: Stage
+    key: str
+    store: tuple[str, str, str, str]                # cache, dataset, stage, key
+    inputs: dict[str, "StoreSlice | None"]
+    digests: dict[str, str | None]
+    not_before_ns: int                              # the run's parts sort after every part before it
+
+
+@dataclass
+class StepResult:
+    part: PartSummary | None = None   # the part this task wrote for the step (digests left out: the client has them)
+    attempted: int = 0                # samples given to the step (those without a row were blocked upstream)
+
+
+@dataclass
+class ChainResult:
+    done: list[str]                   # samples run through the chain
+    remaining: list[str]              # left for the time / size bound: the client submits them again
+    steps: list[StepResult]
+    retry_alone: list[str] = field(default_factory=list)   # a batch whose stage raised: each sample again alone
+
+
+def run_chain(steps: list[ChainStep], ids: list[str], batch: int,
+              bounds: tuple[int, int, float] = (TASK_ROWS, TASK_BYTES, TASK_SECONDS)) -> ChainResult:
+    """Runs on a worker: `ids` through every step, `batch` samples at a time, buffering each step's rows until a
+    row / byte / time bound; then one part per step, written here (the rows never travel to the client)."""
+    max_rows, max_bytes, max_seconds = bounds
+    start = time.monotonic()
+    buffers: list[list[dict]] = [[] for _ in steps]
+    results = [StepResult() for _ in steps]
+    done: list[str] = []
+    retry: list[str] = []
+    pending = list(ids)
+    nbytes = 0
+    # The index's rows are small: read once for the task (a row group holds thousands), the others per batch.
+    prefetched = {up: {row["sample_id"]: row for row in replace(src, ids=tuple(ids)).read()}
+                  for step in steps for up, src in step.inputs.items() if src is not None and up == "index"}
+    while pending:
+        sub, pending = pending[:batch], pending[batch:]
+        produced: dict[str, list[dict]] = {}
+        for i, step in enumerate(steps):
+            inputs = {up: produced[up] if src is None else
+                      [prefetched[up][sid] for sid in sub if sid in prefetched[up]] if up in prefetched else
+                      replace(src, ids=tuple(sub)) for up, src in step.inputs.items()}
+            try:
+                out = run_batch(step.stage, step.key, sub, inputs, step.digests)
+            except StageSetupError:
+                raise
+            except Exception as e:  # noqa: BLE001 - isolate the sample, as the client does for a dead worker
+                if len(sub) > 1:
+                    retry += sub
+                    break
+                out = [failed_row(sub[0], f"worker failed while processing this sample: {type(e).__name__}: {e}")]
+                out[0]["input_digest"] = step.digests.get(sub[0])
+            produced[step.stage.name] = out
+            buffers[i].extend(out)
+            results[i].attempted += len(sub)
+            nbytes += sum(_row_bytes(row) for row in out)
+        else:
+            done += sub
+        if (max(len(b) for b in buffers) >= max_rows or nbytes >= max_bytes
+                or time.monotonic() - start >= max_seconds):
+            break
+    for step, rows, result in zip(steps, buffers, results):
+        store = Store(*step.store)
+        result.part = store.write_part(rows, not_before_ns=step.not_before_ns)
+        if result.part is not None:
+            result.part.digests = None
+    return ChainResult(done, pending, results, retry)
+
+
+def _row_bytes(row: dict[str, Any]) -> int:
+    """Roughly what a row weighs in a part: its binary payloads (crops, waveforms, features) dominate."""
+    total = 64
+    for value in row.values():
+        if isinstance(value, (bytes, str)):
+            total += len(value)
+        elif isinstance(value, list) and value and isinstance(value[0], bytes):
+            total += sum(len(v) for v in value)
+        elif isinstance(value, list):
+            total += 8 * len(value)
+    return total
+
+
 def resolve_media(row: dict[str, Any], root: str | None) -> dict[str, Any]:
     """The index holds media paths relative to the dataset root; stages get them resolved against where the
     dataset is now."""
@@ -259,9 +361,6 @@ def _connect(scheduler: str | None, workers: int, stack: ExitStack) -> tuple[Any
 class _Chain:
     ids: list[str]
     plans: list[StagePlan]
-    futures: list[Any] = field(default_factory=list)
-    pending: int = 0
-    broken: bool = False
 
 
 def _segments(plans: list[StagePlan]) -> list[list[StagePlan]]:
@@ -298,6 +397,7 @@ def run_pipeline(project: ProjectConfig, target: str | None = None, datasets: li
             if target == "index":   # the annotations read, nothing else
                 continue
             report.stages += runner.run_dataset(DatasetPlan(project, ds, index, target, configs[name]), limit)
+        report.client_bytes = runner.client_bytes
     return report
 
 
@@ -307,6 +407,7 @@ class _Runner:
         self.stack, self.scheduler, self.workers = stack, scheduler, workers
         self.batch_size, self.retry_failed, self.progress = batch_size, retry_failed, progress
         self.client: Any = None
+        self.client_bytes = 0
 
     def _ensure_client(self) -> None:
         # Started only when there is work, so a rerun with nothing to do costs no cluster start-up.
@@ -314,28 +415,20 @@ class _Runner:
             self.client, self.as_completed, self.workers = _connect(self.scheduler, self.workers, self.stack)
 
     def _done(self, plan: DatasetPlan, stage: StagePlan, sid: str) -> bool:
-        status = plan.status(stage, sid)
-        return status == S.STATUS_OK or (status is not None and not self.retry_failed)
+        return plan.is_done(stage, sid, self.retry_failed)
 
     def run_dataset(self, plan: DatasetPlan, limit: int | None) -> list[StageReport]:
         population = plan.population(limit)
         kinds = {plan.samples[sid]["media_kind"] for sid in population}
         reports = [StageReport(plan.dataset, p.name, p.key, total=len(plan.applicable(p, population)),
-                               done_before=sum(self._done(plan, p, s) for s in plan.applicable(p, population)),
+                               done_before=len(plan.done(p, population, self.retry_failed)),
                                stale=len(plan.stale(p, population)), note=p.stage.skip_note(kinds))
                    for p in plan.stages]
         for segment in _segments(plan.stages):
             first = plan.stages.index(segment[0])
-            # A sample can run from a stage when every earlier stage that applies to it is done and ok.
-            ready: dict[int, list[str]] = {}
-            for sid in population:
-                todo = [plan.stages.index(p) for p in segment if plan.applies(p, sid) and not self._done(plan, p, sid)]
-                if not todo:
-                    continue
-                if plan.upstream_ok(plan.stages[todo[0]], sid):
-                    ready.setdefault(todo[0], []).append(sid)
-                else:
-                    reports[todo[0]].blocked += 1
+            ready, blocked = plan.todo(segment, population, self.retry_failed)
+            for position, count in blocked.items():
+                reports[position].blocked += count
             if segment[0].stage.scope == "dataset":
                 self._run_dataset_stage(plan, segment[0], ready.get(first, []), reports[first])
             elif ready:
@@ -354,7 +447,7 @@ class _Runner:
             return
         if not stage.reads and stage_plan.store.exists():
             return
-        ready = [sid for sid in plan.population() if plan.applies(stage_plan, sid) and plan.upstream_ok(stage_plan, sid)]
+        ready = plan.ready(stage_plan)
         digests = plan.expected(stage_plan)
         with stage_plan.store.lock():
             stage_plan.store.write_config(stage_plan.config)
@@ -380,101 +473,129 @@ class _Runner:
         else:
             self._ensure_client()
             client, as_completed, workers = self.client, self.as_completed, self.workers
+        floors = {}
         for stage_plan in segment:
             self.stack.enter_context(stage_plan.store.lock())
             stage_plan.store.write_config(stage_plan.config)
+            floors[stage_plan.name] = next_part_floor(stage_plan.store)
         stages = plan.stages
         end = stages.index(segment[-1]) + 1
         batch = segment[0].stage.batch_size or self.batch_size
         queue: deque[_Chain] = deque()
         for start, ids in sorted(groups.items()):
-            for i in range(0, len(ids), batch):
-                queue.append(_Chain(ids[i:i + batch], stages[start:end]))
+            # Tasks of up to TASK_ROWS samples (parts of a sensible size), but enough of them to keep every
+            # worker busy; a whole number of batches.
+            size = min(TASK_ROWS, max(batch, math.ceil(len(ids) / (4 * workers))))
+            size = max(batch, size // batch * batch)
+            for i in range(0, len(ids), size):
+                queue.append(_Chain(ids[i:i + size], stages[start:end]))
         bars = {p.name: tqdm(total=sum(len(c.ids) for c in queue if p in c.plans), desc=f"{plan.dataset}/{p.name}",
                              unit="clip", disable=not self.progress, file=sys.stderr, leave=True)
                 for p in segment}
         completed = as_completed()
-        owner: dict[Any, tuple[_Chain, int]] = {}
-        in_flight = 0
+        owner: dict[Any, _Chain] = {}
         max_in_flight = 2 * workers
 
         def submit_next() -> None:
-            nonlocal in_flight
             chain = queue.popleft()
-            produced: dict[str, Any] = {}
-            for pos, stage_plan in enumerate(chain.plans):
+            steps = []
+            for stage_plan in chain.plans:
                 stage = stage_plan.stage
-                inputs = {up: produced[up] if up in produced else store_slice(plan, stage_plan, up, chain.ids)
-                          for up in stage.reads}
+                inputs = {up: None if any(p.stage.name == up for p in chain.plans[:chain.plans.index(stage_plan)])
+                          else store_slice(plan, stage_plan, up, []) for up in stage.reads}
                 expected = plan.expected(stage_plan)
-                digests = {sid: expected.get(sid) for sid in chain.ids}
-                # Resources only on an external cluster: a LocalCluster advertises none, and would wait forever.
-                resources = stage.resources() if self.scheduler not in (None, "inline") else {}
-                future = client.submit(run_batch, stage, stage_plan.key, chain.ids, inputs, digests, pure=False,
-                                       resources=resources or None)
-                produced[stage.name] = future
-                owner[future] = (chain, pos)
-                chain.futures.append(future)
-                completed.add(future)
-            chain.pending = len(chain.plans)
-            in_flight += 1
+                store = stage_plan.store
+                steps.append(ChainStep(stage, stage_plan.key, (str(store.cache), store.dataset, store.stage, store.key),
+                                       inputs, {sid: expected.get(sid) for sid in chain.ids}, floors[stage_plan.name]))
+            # Resources only on an external cluster: a LocalCluster advertises none, and would wait forever.
+            resources: dict[str, float] = {}
+            if self.scheduler not in (None, "inline"):
+                for stage_plan in chain.plans:
+                    resources.update(stage_plan.stage.resources() or {})
+            future = client.submit(run_chain, steps, chain.ids, batch, pure=False, resources=resources or None)
+            owner[future] = chain
+            completed.add(future)
 
         try:
-            while queue and in_flight < max_in_flight:
+            while queue and len(owner) < max_in_flight:
                 submit_next()
             for future in completed:
-                chain, pos = owner.pop(future)
-                chain.pending -= 1
-                stage_plan = chain.plans[pos]
-                if not chain.broken:
-                    try:
-                        rows = future.result()
-                    except StageSetupError as e:
-                        raise ConfigError(str(e)) from None
-                    except Exception as e:  # noqa: BLE001 - a worker died or a task crashed: isolate the sample
-                        chain.broken = True
-                        self._recover(plan, chain, pos, e, queue, reports, bars)
-                    else:
-                        self._record(plan, stage_plan, rows, chain.ids, reports[stages.index(stage_plan)], bars)
-                if chain.pending == 0:
-                    in_flight -= 1
-                    chain.futures.clear()
-                    while queue and in_flight < max_in_flight:
-                        submit_next()
+                chain = owner.pop(future)
+                try:
+                    result = future.result()
+                except StageSetupError as e:
+                    raise ConfigError(str(e)) from None
+                except Exception as e:  # noqa: BLE001 - a worker died: isolate the sample
+                    self._recover(plan, chain, e, queue, reports, bars)
+                else:
+                    self.client_bytes += len(pickle.dumps(result))
+                    self._record(plan, chain, result, reports, bars)
+                    for sid in result.retry_alone:
+                        remaining = [p for p in chain.plans if not self._done(plan, p, sid)]
+                        if remaining:
+                            queue.append(_Chain([sid], remaining))
+                    if result.remaining:
+                        queue.append(_Chain(result.remaining, chain.plans))
+                while queue and len(owner) < max_in_flight:
+                    submit_next()
         finally:
             for bar in bars.values():
                 bar.close()
+        for stage_plan in segment:
+            # A run of small tasks (a few new samples at a time) leaves many small parts: merged here, under the
+            # lock, so the store stays quick to scan.
+            if stage_plan.store.needs_compaction():
+                stage_plan.store.compact(small_only=True)
+            stage_plan.store.save_index()
 
-    def _record(self, plan: DatasetPlan, stage_plan: StagePlan, rows: list[dict], ids: list[str],
-                report: StageReport, bars: dict[str, tqdm]) -> None:
-        stage_plan.store.write(rows)
-        plan.record(stage_plan, rows)
-        for row in rows:
-            if row["status"] == S.STATUS_OK:
-                report.ok += 1
-            else:
-                report.failed += 1
-        # Samples of this chain that never reached this stage were blocked by an upstream failure.
-        report.blocked += len(ids) - len(rows)
-        bars[stage_plan.name].update(len(ids))
+    def _record(self, plan: DatasetPlan, chain: _Chain, result: "ChainResult", reports: list[StageReport],
+                bars: dict[str, tqdm]) -> None:
+        for stage_plan, step in zip(chain.plans, result.steps):
+            summary = step.part
+            report = reports[plan.stages.index(stage_plan)]
+            rows = 0
+            if summary is not None:
+                expected = plan.expected(stage_plan)
+                stage_plan.store.record(summary, expected)
+                plan.record(stage_plan, [{"sample_id": sid, "status": status, "input_digest": expected.get(sid)}
+                                         for sid, status in zip(summary.ids, summary.statuses)])
+                ok = sum(status == S.STATUS_OK for status in summary.statuses)
+                report.ok += ok
+                report.failed += len(summary.ids) - ok
+                rows = len(summary.ids)
+            # Samples of this chain that never reached this stage were blocked by an upstream failure.
+            report.blocked += step.attempted - rows
+            bars[stage_plan.name].update(step.attempted)
 
-    def _recover(self, plan: DatasetPlan, chain: _Chain, pos: int, error: Exception, queue: deque,
+    def _write_failed(self, plan: DatasetPlan, stage_plan: StagePlan, sid: str, error: Exception,
+                      report: StageReport, bars: dict[str, tqdm]) -> None:
+        row = failed_row(sid, f"worker failed while processing this sample: {type(error).__name__}: {error}")
+        row["input_digest"] = plan.expected(stage_plan).get(sid)
+        stage_plan.store.write([row])
+        plan.record(stage_plan, [row])
+        report.failed += 1
+        bars[stage_plan.name].update(1)
+
+    def _recover(self, plan: DatasetPlan, chain: _Chain, error: Exception, queue: deque,
                  reports: list[StageReport], bars: dict[str, tqdm]) -> None:
-        """A task raised or its worker died. Retry each sample alone so one bad file cannot sink its neighbours;
-        a sample that still fails alone is recorded as failed with the reason."""
+        """A worker died (or the task could not run). Parts it renamed before dying are valid and found in the
+        listing; retry each sample alone so one bad file cannot sink its neighbours, and record a sample that
+        still kills its worker alone as failed, with the reason, at the first stage it has not done."""
+        for p in chain.plans:
+            plan.refresh(p)
         if len(chain.ids) > 1:
             for sid in chain.ids:
                 remaining = [p for p in chain.plans if not self._done(plan, p, sid)]
                 if remaining:
                     queue.append(_Chain([sid], remaining))
             return
-        stage_plan, sid = chain.plans[pos], chain.ids[0]
-        row = failed_row(sid, f"worker failed while processing this sample: {type(error).__name__}: {error}")
-        row["input_digest"] = plan.expected(stage_plan).get(sid)
-        self._record(plan, stage_plan, [row], chain.ids, reports[plan.stages.index(stage_plan)], bars)
+        sid = chain.ids[0]
+        remaining = [p for p in chain.plans if not self._done(plan, p, sid)]
+        if remaining:
+            self._write_failed(plan, remaining[0], sid, error, reports[plan.stages.index(remaining[0])], bars)
 
 
-def store_slice(plan: DatasetPlan, stage_plan: StagePlan, upstream: str, ids: list[str]) -> StoreSlice:
+def store_slice(plan: DatasetPlan, stage_plan: StagePlan, upstream: str, ids: list[str]) -> "StoreSlice":
     store = plan.input_store(stage_plan, upstream)
     return StoreSlice(store.cache, store.dataset, store.stage, store.key, tuple(plan.columns(upstream)), tuple(ids))
 

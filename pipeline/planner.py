@@ -159,28 +159,39 @@ class DatasetPlan:
         self.dataset, self.index = ds.name, index
         self.stages = plan_stages(project, index, target, configs, root=str(ds.root))
         self.by_name = {p.name: p for p in self.stages}
+        self._position = {p.name: i for i, p in enumerate(self.stages)}
         columns = sorted({c for p in self.stages for c in p.stage.reads.get("index", ())} | set(_INDEX_COLUMNS))
         table = index.read(["sample_id", *columns], status=S.STATUS_OK)
         self.samples: dict[str, dict[str, Any]] = {row["sample_id"]: row for row in table.to_pylist()}
         self._stored: dict[str, dict[str, tuple[str, str | None]]] = {}
         self._expected: dict[str, dict[str, str | None]] = {}
+        # Worked out once per stage (a 300k-sample dataset asks per sample many times): the samples a stage
+        # applies to, and the status of each sample's current row.
+        self._applies: dict[str, set[str]] = {}
+        self._current: dict[str, dict[str, str]] = {}
+        self._sorted = sorted(self.samples)
 
     # ---- which samples -----------------------------------------------------------------------------------------
 
     def population(self, limit: int | None = None) -> list[str]:
         """The index's usable samples in id order, the first `limit` of them."""
-        ids = sorted(self.samples)
-        return ids[:limit] if limit is not None else ids
+        return self._sorted[:limit] if limit is not None else list(self._sorted)
 
     def applies(self, plan: StagePlan, sid: str) -> bool:
-        sample = self.samples.get(sid)
-        return sample is not None and applies_to(plan.stage, sample["media_kind"], sample["label"])
+        return sid in self._applying(plan)
+
+    def _applying(self, plan: StagePlan) -> set[str]:
+        if plan.name not in self._applies:
+            self._applies[plan.name] = {sid for sid, sample in self.samples.items()
+                                        if applies_to(plan.stage, sample["media_kind"], sample["label"])}
+        return self._applies[plan.name]
 
     def applicable(self, plan: StagePlan, population: list[str]) -> list[str]:
         """The samples of `population` the stage has work for (an asset's rows are not samples: its stored ids)."""
         if not plan.stage.reads:
             return list(self.stored(plan))
-        return [sid for sid in population if self.applies(plan, sid)]
+        applying = self._applying(plan)
+        return [sid for sid in population if sid in applying]
 
     # ---- what is stored, and whether it is current -------------------------------------------------------------
 
@@ -191,20 +202,71 @@ class DatasetPlan:
 
     def status(self, plan: StagePlan, sid: str) -> str | None:
         """"ok" / "failed" for a current row, None when the sample has no row or only a stale one."""
-        row = self.stored(plan).get(sid)
-        if row is None:
-            return None
-        if plan.stage.reads and row[1] != self.expected(plan).get(sid):
-            return None
-        return row[0]
+        return self.current(plan).get(sid)
+
+    def current(self, plan: StagePlan) -> dict[str, str]:
+        """sample -> status of its current row (made from the inputs the current index gives)."""
+        if plan.name not in self._current:
+            stored = self.stored(plan)
+            if not stored:   # nothing stored: no digests to work out (300k of them cost seconds)
+                self._current[plan.name] = {}
+            elif not plan.stage.reads:
+                self._current[plan.name] = {sid: row[0] for sid, row in stored.items()}
+            else:
+                expected = self.expected(plan)
+                self._current[plan.name] = {sid: row[0] for sid, row in stored.items() if row[1] == expected.get(sid)}
+        return self._current[plan.name]
+
+    def is_done(self, plan: StagePlan, sid: str, retry_failed: bool = False) -> bool:
+        """The sample has a current row (a failed one counts unless `retry_failed`)."""
+        status = self.status(plan, sid)
+        return status == S.STATUS_OK or (status is not None and not retry_failed)
 
     def done(self, plan: StagePlan, population: list[str], retry_failed: bool = False) -> dict[str, str]:
         """sample -> status of the current rows among `population` (failed ones left out with retry_failed)."""
-        out = {}
-        for sid in self.applicable(plan, population):
-            status = self.status(plan, sid)
-            if status == S.STATUS_OK or (status is not None and not retry_failed):
-                out[sid] = status
+        return {sid: self.status(plan, sid) for sid in self.applicable(plan, population)
+                if self.is_done(plan, sid, retry_failed)}
+
+    def ready(self, plan: StagePlan, population: list[str] | None = None) -> list[str]:
+        """The samples the stage applies to whose upstream rows are all current and ok (what a stage that learns
+        from the dataset learns from)."""
+        return [sid for sid in self.applicable(plan, self.population() if population is None else population)
+                if self.upstream_ok(plan, sid)]
+
+    def pending(self, plan: StagePlan, population: list[str] | None = None) -> list[str]:
+        """Ready samples without a current ok row: what an export (the Batch API) sends."""
+        return [sid for sid in self.ready(plan, population) if self.status(plan, sid) != S.STATUS_OK]
+
+    def todo(self, segment: list[StagePlan], population: list[str], retry_failed: bool = False
+             ) -> tuple[dict[int, list[str]], dict[int, int]]:
+        """For a run of consecutive stages: the samples to start at each stage (by position in `stages`): the
+        first stage of the segment they are not done for, when every stage before it is done and ok for them;
+        and per stage the samples blocked there by an upstream stage that is not."""
+        positions = [self.stages.index(p) for p in segment]
+        starts: dict[int, list[str]] = {}
+        blocked: dict[int, int] = {}
+        for sid in population:
+            first = next((i for i, p in zip(positions, segment)
+                          if self.applies(p, sid) and not self.is_done(p, sid, retry_failed)), None)
+            if first is None:
+                continue
+            if self.upstream_ok(self.stages[first], sid):
+                starts.setdefault(first, []).append(sid)
+            else:
+                blocked[first] = blocked.get(first, 0) + 1
+        return starts, blocked
+
+    def failed_or_blocked(self, population: list[str]) -> dict[str, tuple[set[str], set[str]]]:
+        """Per stage name: the samples whose current row failed, and those without a row because a stage before
+        failed (or was blocked) for them (what `status` reports)."""
+        out: dict[str, tuple[set[str], set[str]]] = {}
+        upstream: set[str] = set()
+        for plan in self.stages:
+            applies = self.applicable(plan, population)
+            failed = {s for s in applies if self.status(plan, s) == S.STATUS_FAILED}
+            blocked = {s for s in applies if s in upstream and self.status(plan, s) is None}
+            out[plan.name] = (failed, blocked)
+            upstream |= failed | blocked
         return out
 
     def stale(self, plan: StagePlan, population: list[str]) -> list[str]:
@@ -214,14 +276,27 @@ class DatasetPlan:
 
     def upstream_ok(self, plan: StagePlan, sid: str) -> bool:
         """Every stage before `plan` that applies to the sample has a current ok row for it."""
-        position = self.stages.index(plan)
+        position = self._position[plan.name]
         return all(self.status(p, sid) == S.STATUS_OK for p in self.stages[:position] if self.applies(p, sid))
+
+    def refresh(self, plan: StagePlan) -> None:
+        """Read the stage's completion again from its store (parts a dead worker renamed before its reply)."""
+        self._stored.pop(plan.name, None)
+        self._current.pop(plan.name, None)
 
     def record(self, plan: StagePlan, rows: list[dict[str, Any]]) -> None:
         """Rows just written to the stage's store."""
         stored = self.stored(plan)
+        current = self._current.get(plan.name)
+        expected = self.expected(plan) if plan.stage.reads else {}
         for row in rows:
-            stored[row["sample_id"]] = (row["status"], row.get("input_digest"))
+            sid, digest_ = row["sample_id"], row.get("input_digest")
+            stored[sid] = (row["status"], digest_)
+            if current is not None:
+                if not plan.stage.reads or digest_ == expected.get(sid):
+                    current[sid] = row["status"]
+                else:
+                    current.pop(sid, None)
         # What a stage after this one learns from (the samples ready for it) may have changed: its digests, and
         # those of the stages after it, are worked out again when next asked for.
         position = self.stages.index(plan)
@@ -230,6 +305,7 @@ class DatasetPlan:
         if learner is not None:
             for p in self.stages[learner:]:
                 self._expected.pop(p.name, None)
+                self._current.pop(p.name, None)
 
     # ---- input digests -----------------------------------------------------------------------------------------
 
@@ -307,24 +383,22 @@ def describe(project: ProjectConfig, datasets: list[str] | None = None) -> list[
                           "corrupt_parts": [str(p) for p in index.corrupt_parts()]}
         plan = DatasetPlan(project, ds, index, None, configs)
         population = plan.population()
-        upstream_failed: set[str] = set()
+        outcomes = plan.failed_or_blocked(population)
         for stage in plan.stages:
             applies = plan.applicable(stage, population)
-            statuses = {sid: plan.status(stage, sid) for sid in applies}
-            failed = {s for s, status in statuses.items() if status == S.STATUS_FAILED}
-            done = sum(status == S.STATUS_OK for status in statuses.values())
-            blocked = {s for s in applies if s in upstream_failed and statuses[s] is None}
+            failed, blocked = outcomes[stage.name]
+            done = sum(plan.status(stage, sid) == S.STATUS_OK for sid in applies)
             entry["stages"].append({
-                "stage": stage.stage.name, "name": stage.name, "test_fold": stage.test_fold, "key": stage.key, "backend": stage.config["identity"].get("backend"),
+                "stage": stage.stage.name, "name": stage.name, "test_fold": stage.test_fold, "key": stage.key,
+                "backend": stage.config["identity"].get("backend"),
                 "total": len(applies), "done": done,
                 "failed": len(failed), "blocked": len(blocked), "stale": len(plan.stale(stage, population)),
                 "pending": len(applies) - done - len(failed) - len(blocked),
                 "bytes": stage.store.size_bytes(),
                 "failures": [f for f in _failures(stage.store) if f["sample_id"] in failed] if failed else [],
-                "warnings": [w for w in _warnings(stage.store) if statuses.get(w["sample_id"]) == S.STATUS_OK],
+                "warnings": [w for w in _warnings(stage.store) if plan.status(stage, w["sample_id"]) == S.STATUS_OK],
                 "corrupt_parts": [str(p) for p in stage.store.corrupt_parts()],
             })
-            upstream_failed |= failed | blocked
     return out
 
 

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import cv2
 import numpy as np
-import pyarrow.parquet as pq
 import pytest
 import torch
 from torch.utils.data import DataLoader
@@ -193,10 +192,9 @@ def test_unusable_samples_are_counted_not_fatal(stores):
 def test_reads_one_part_at_a_time(stores, monkeypatch):
     faces, index = stores
     data = StoreClips(faces, _samples(index), augment=_eval_augment(), shuffle_buffer=0)
-    opened = []
-    real_read = pq.read_table
-    monkeypatch.setattr(store_module.pq, "read_table",
-                        lambda path, columns=None, **kw: opened.append(path) or real_read(path, columns=columns, **kw))
+    opened = []   # the parts whose rows are read (the store keeps parts open, so count reads, not opens)
+    real_file = store_module.Store._file
+    monkeypatch.setattr(store_module.Store, "_file", lambda self, part: opened.append(part) or real_file(self, part))
     items = iter(data)
     next(items)
     assert len(opened) == 1                                 # the first clip needs only its own part

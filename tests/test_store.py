@@ -4,7 +4,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from affectprep import schema as S
-from affectprep.store import SchemaMismatch, Store, StoreLocked, list_keys
+from affectprep.store import INDEX_FILE, SchemaMismatch, Store, StoreLocked, list_keys
 
 
 def frames_row(sid, status="ok", error=None, n=16):
@@ -97,3 +97,73 @@ def test_compaction_keeps_the_newest_row_of_each_sample_in_one_part(tmp_path):
     assert pq.read_schema(store.parts()[0]).metadata[b"affectprep.schema_version"] == str(S.SCHEMA_VERSION).encode()
     with store.lock():
         assert store.compact() == 0
+
+
+# ---- the status index ------------------------------------------------------------------------------------------
+
+def _written(tmp_path, n=40, per_part=4):
+    store = Store(tmp_path, "ds", "frames", "k1")
+    with store.lock():
+        for i in range(0, n, per_part):
+            store.write([frames_row(f"s{j:03d}", "failed" if j % 7 == 0 else "ok", "bad" if j % 7 == 0 else None)
+                         for j in range(i, i + per_part)])
+    return store
+
+
+def test_a_deleted_or_unreadable_status_index_is_rebuilt_from_the_parts(tmp_path):
+    store = _written(tmp_path)
+    index = store.path / INDEX_FILE
+    assert index.exists(), "the lock holder saves the index"
+    expected = Store(tmp_path, "ds", "frames", "k1").statuses()
+    assert len(expected) == 40 and expected["s007"] == "failed"
+    index.unlink()
+    assert Store(tmp_path, "ds", "frames", "k1").statuses() == expected
+    index.write_bytes(b"not parquet")
+    fresh = Store(tmp_path, "ds", "frames", "k1")
+    assert fresh.statuses() == expected
+    assert sorted(fresh.read(["sample_id"]).column("sample_id").to_pylist()) == sorted(expected)
+    assert not fresh.corrupt_parts(), "an unreadable index is a cache to rebuild, not a corrupt part"
+
+
+def test_parts_added_behind_the_index_back_are_read(tmp_path):
+    store = _written(tmp_path)
+    saved = (store.path / INDEX_FILE).read_bytes()
+    # Written by another process without the lock (a worker): the index on disk does not know these parts.
+    other = Store(tmp_path, "ds", "frames", "k1")
+    other.write([frames_row("s007"), frames_row("new")])
+    assert (store.path / INDEX_FILE).read_bytes() == saved
+    for reader in (store, Store(tmp_path, "ds", "frames", "k1")):   # a stale in-memory index, and the stale file
+        statuses = reader.statuses()
+        assert statuses["s007"] == "ok" and statuses["new"] == "ok" and len(statuses) == 41
+        rows = reader.read(["sample_id", "status"], ids=["s007", "new", "s001"]).to_pylist()
+        assert sorted(r["sample_id"] for r in rows) == ["new", "s001", "s007"]
+        assert {r["sample_id"]: r["status"] for r in rows}["s007"] == "ok"
+    # A part the index covers that is gone (moved aside by hand) rebuilds it.
+    gone = store.parts()[0]
+    gone.rename(gone.with_name("elsewhere"))
+    assert len(Store(tmp_path, "ds", "frames", "k1").statuses()) == 41 - 4
+
+
+def test_compaction_of_many_parts_gives_few_large_row_groups_and_the_same_rows(tmp_path):
+    store = _written(tmp_path, n=2000, per_part=4)
+    store.write([frames_row("s003", "failed", "redone")])   # a newer row for one sample
+    before = sorted(store.read().to_pylist(), key=lambda r: r["sample_id"])
+    with store.lock():
+        assert store.compact() == 501
+    parts = store.parts()
+    assert len(parts) == 1 and pq.ParquetFile(parts[0]).metadata.num_row_groups == 1
+    fresh = Store(tmp_path, "ds", "frames", "k1")
+    assert sorted(fresh.read().to_pylist(), key=lambda r: r["sample_id"]) == before
+    assert fresh.read(["error"], ids=["s003"]).to_pylist() == [{"error": "redone"}]
+
+
+def test_a_run_compacts_only_its_small_parts(tmp_path):
+    store = _written(tmp_path, n=4000, per_part=2000)
+    big = set(store.parts())
+    with store.lock():
+        for i in range(70):
+            store.write([frames_row(f"t{i}")])
+        assert store.needs_compaction()
+        assert store.compact(small_only=True) == 70
+    assert big < set(store.parts()) and len(store.parts()) == 3
+    assert len(Store(tmp_path, "ds", "frames", "k1").statuses()) == 4070

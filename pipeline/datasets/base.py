@@ -51,8 +51,8 @@ class DatasetAdapter:
         self.root = Path(root).resolve()
         self.options = options
         self.excluded: Counter[str] = Counter()   # samples left out by the dataset's protocol, by reason
-        self._seen: dict[str, str] = {}           # sample id -> where it was first listed
-        self._resolved: dict[Path, Path] = {}     # media base folder -> its resolved path
+        self._seen: dict[str, tuple[Path, int]] = {}   # sample id -> (file, line) where it was first listed
+        self._resolved: dict[Path, str] = {}      # media base folder -> its resolved path
 
     def labels(self) -> LabelSet:
         return label_set(self.label_set)
@@ -97,13 +97,14 @@ class DatasetAdapter:
         `make` records what it has established in `known` (the sample id once claimed, fold, subject, ...) so a
         failure after that point is reported under the sample's own id with those fields filled in.
         """
-        where = f"{self.show(source)} line {line}"
         known: dict[str, Any] = {}
         try:
             fields = make(known)
         except BadSample as e:
+            where = f"{self.show(source)} line {line}"
             return failed_row(known.pop("sample_id", f"{self.show(source)}:{line}"), f"{where}: {e}", known)
         except OSError as e:  # e.g. permission denied while checking media: this sample only
+            where = f"{self.show(source)} line {line}"
             return failed_row(known.pop("sample_id", f"{self.show(source)}:{line}"),
                               f"{where}: {e.strerror or e} ({e.filename})", known)
         return ok_row(fields)
@@ -112,18 +113,20 @@ class DatasetAdapter:
         """Register a sample id; a repeat is a BadSample. On success the id goes into `known`."""
         first = self._seen.get(sample_id)
         if first is not None:
-            raise BadSample(f"duplicate sample id '{sample_id}' (first listed at {first})")
-        self._seen[sample_id] = f"{self.show(source)} line {line}"
+            raise BadSample(f"duplicate sample id '{sample_id}' (first listed at {self.show(first[0])} line "
+                            f"{first[1]})")
+        self._seen[sample_id] = (source, line)   # formatted only for a duplicate: 300k paths cost seconds
         known["sample_id"] = sample_id
         return sample_id
 
     def inside(self, base: Path, relative: str) -> Path:
         """`base/relative`, resolved; a BadSample if it resolves outside `base` (`..`, absolute paths, symlinks)."""
-        base_resolved = self._resolved.get(base) or self._resolved.setdefault(base, base.resolve())
-        path = (base / relative).resolve()
-        if not path.is_relative_to(base_resolved):
+        base_resolved = self._resolved.get(base) or self._resolved.setdefault(base, str(base.resolve()))
+        # os.path on strings: the same resolution as Path.resolve, a fraction of the cost per sample.
+        path = os.path.realpath(os.path.join(base, relative))
+        if not (path == base_resolved or path.startswith(base_resolved.rstrip(os.sep) + os.sep)):
             raise BadSample(f"path '{relative}' resolves outside {self.show(base)}")
-        return path
+        return Path(path)
 
     def media_file(self, path: Path) -> Path:
         """An existing, non-empty media file."""
@@ -259,7 +262,12 @@ def index_table(adapter: DatasetAdapter) -> pa.Table:
 
 def _relative_media(row: dict[str, Any], root: Path) -> dict[str, Any]:
     path = row.get("media_path")
-    if path and Path(path).is_relative_to(root):
+    if not path:
+        return row
+    text, base = str(path), str(root).rstrip(os.sep)
+    if text.startswith(base + os.sep):   # Path.is_relative_to is lexical too: the same test on the string
+        return {**row, "media_path": Path(text[len(base) + 1:]).as_posix()}
+    if Path(path).is_relative_to(root):
         return {**row, "media_path": Path(path).relative_to(root).as_posix()}
     return row
 
