@@ -12,6 +12,8 @@ import string
 
 from transformers import AutoTokenizer, BertTokenizer, PreTrainedTokenizerBase
 
+from affectprep.vocabulary import require_vocabulary
+
 _SPECIAL = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 _CHARS = string.ascii_lowercase + string.digits
 _PUNCTUATION = ".,;:!?'\"()-=/%+*&"
@@ -49,5 +51,8 @@ def tiny_tokenizer() -> BertTokenizer:
 
 
 def load_tokenizer(name_or_path: str) -> PreTrainedTokenizerBase:
-    """The tokenizer saved with a text encoder (a local folder, or a hub id already in the cache)."""
-    return AutoTokenizer.from_pretrained(name_or_path)
+    """The tokenizer saved with a text encoder (a local folder, or a hub id already in the cache); refused when it
+    knows no word (a folder without tokenizer files)."""
+    tokenizer = AutoTokenizer.from_pretrained(name_or_path)
+    require_vocabulary(tokenizer, str(name_or_path))
+    return tokenizer

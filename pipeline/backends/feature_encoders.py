@@ -88,7 +88,10 @@ class TextTokens(_Encoder):
         super().__init__(name, device)
         from transformers import AutoModel, AutoTokenizer
 
+        from affectprep.vocabulary import require_vocabulary
+
         self.tokenizer = AutoTokenizer.from_pretrained(name)
+        require_vocabulary(self.tokenizer, name)
         self.model = AutoModel.from_pretrained(name).to(device).eval()
         self.max_length = max_length
 
