@@ -12,7 +12,7 @@ Keys (the JSON of `recipe show`):
                  optimiser step from each group's lr to its lr * min_lr / lr[first group] after a linear warm-up;
                  step multiplies by gamma every step_size epochs; exponential by gamma every epoch
   epochs, batch_size {task: samples per optimiser step}, class_weighting inverse_sqrt | none, clip_grad (max
-  gradient norm; 0 = none), seed, augment {scale, flip, erase}, model_options (builder options the training
+  gradient norm; 0 = none), seed, augment {scale, flip, erase, color_jitter, rotation}, model_options (builder options the training
   section sets), selection best_val | last with val_fraction and selection_metric (the paper's metric per task;
   models/splits.py, models/train.py), ablations (the registered ablation rows), sources (key -> citation).
 """
@@ -39,7 +39,7 @@ class Recipe:
     epochs: int
     batch_size: dict[str, int]                      # per task: expression, au, target
     class_weighting: str
-    augment: dict[str, Any]                         # scale (area range), flip, erase
+    augment: dict[str, Any]                         # scale (area range), flip, erase, color_jitter, rotation
     sources: dict[str, str]
     momentum: float | None = None
     betas: tuple[float, float] | None = None
@@ -121,7 +121,7 @@ SSM = Recipe(
     param_groups=(_group("new", 1e-4, 1e-4), _group("visual_encoder", 1e-6, 1e-4)),
     schedule=_schedule("step", step_size=10, gamma=0.1), epochs=30, batch_size={"expression": 12, "au": 128},
     class_weighting="none", clip_grad=0.0, seed=3407,
-    augment={"scale": (0.8, 1.0), "flip": 0.5, "erase": 0.25},
+    augment={"scale": (0.8, 1.0), "flip": 0.5, "erase": 0.25, "color_jitter": (0.4, 0.4, 0.4, 0.0)},
     sources={
         "optimizer": f"{SSM_T}: AdamW",
         "betas": NOT_IN_PAPER + "the paper names AdamW only; torch's defaults",
@@ -137,9 +137,9 @@ SSM = Recipe(
         "class_weighting": "ssm.md Eq. 12: plain cross-entropy, no class weights",
         "clip_grad": NOT_IN_PAPER + "the paper names no clipping, so none",
         "seed": _SEED,
-        "augment": f"{SSM_T}: random cropping, random erasing, horizontal flipping (the ranges are not in the "
-                   "paper: our choice, the GRACE/VideoMAE defaults); its colour jittering is not applied by the "
-                   "trainer yet",
+        "augment": f"{SSM_T}: random cropping, random erasing, horizontal flipping and colour jittering (the "
+                   "ranges are not in the paper: our choice, the GRACE/VideoMAE crop, flip and erase defaults, and "
+                   "timm's default colour jitter 0.4 for brightness, contrast and saturation)",
         "model_options": "nothing in the training section sets a model option",
         "selection": _SELECTION, "val_fraction": _SELECTION,
         "selection_metric": "ssm.md §IV: UAR for DFER, mean F1 over the AUs for AU detection; with both tasks "
@@ -181,7 +181,8 @@ GREFEL = Recipe(
     param_groups=(_group("all", 3e-4, 0.0),),
     schedule=_schedule("exponential", gamma=0.995), epochs=1000, batch_size={"expression": 64},
     class_weighting="none", clip_grad=0.0, seed=3407,
-    augment={"scale": (0.7656, 0.7656), "flip": 0.5, "erase": 0.0}, selection_metric={"expression": "war"},
+    augment={"scale": (0.7656, 0.7656), "flip": 0.5, "erase": 0.0, "color_jitter": (0.4, 0.4, 0.4, 0.0),
+             "rotation": 15.0}, selection_metric={"expression": "war"},
     sources={
         "optimizer": f"{GREFEL_T}: ADAM optimizer",
         "betas": NOT_IN_PAPER + "the paper names Adam only; torch's defaults",
@@ -198,8 +199,10 @@ GREFEL = Recipe(
                            "comes from class-balanced batches (N_pg = 512 per group, B = 500 per class) instead",
         "clip_grad": NOT_IN_PAPER + "the paper names no clipping, so none",
         "seed": _SEED,
-        "augment": f"{GREFEL_T}: resized to 256 and randomly cropped to 224 (area 0.7656), flipping; its "
-                   "rotation and colour augmentation are not applied by the trainer yet",
+        "augment": f"{GREFEL_T}: resized to 256 and randomly cropped to 224 (area 0.7656), flipping, rotation "
+                   "and colour augmentation (the strengths are not in the paper: our choice, up to 15 degrees and "
+                   "timm's default colour jitter 0.4; the class-balanced epochs of its data refinement are "
+                   "refine_per_group = 512 and refine_per_class = 500, which an epoch count of 1000 assumes)",
         "model_options": "nothing in the training section sets a model option (the MLP head's dropout 0.5 is the "
                  "model's default)",
         "selection": _SELECTION, "val_fraction": _SELECTION,

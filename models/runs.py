@@ -174,7 +174,9 @@ class TrainConfig:
                 "warmup_epochs": schedule["warmup_epochs"], "step_size": schedule["step_size"],
                 "gamma": schedule["gamma"], "epochs": recipe.epochs, "class_weighting": recipe.class_weighting,
                 "clip_grad": recipe.clip_grad, "seed": recipe.seed, "scale": tuple(recipe.augment["scale"]),
-                "flip": recipe.augment["flip"], "erase": recipe.augment["erase"], "selection": recipe.selection,
+                "flip": recipe.augment["flip"], "erase": recipe.augment["erase"],
+                "color_jitter": tuple(recipe.augment.get("color_jitter", (0.0, 0.0, 0.0, 0.0))),
+                "rotation": recipe.augment.get("rotation", 0.0), "selection": recipe.selection,
                 "val_fraction": recipe.val_fraction}
         values = {name: getattr(self, name) if getattr(self, name) is not None else default
                   for name, default in pick.items()}

@@ -12,6 +12,7 @@ cluster; `scheduler="inline"` runs everything in this process, one batch at a ti
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import pickle
@@ -348,8 +349,11 @@ def _connect(scheduler: str | None, workers: int, stack: ExitStack) -> tuple[Any
         # SIGINT ignored (inherited), so they do not each print a KeyboardInterrupt traceback on the way down.
         previous = signal.signal(signal.SIGINT, signal.SIG_IGN) if _main_thread() else None
         try:
+            # Workers' own logs stay quiet below CRITICAL: what goes wrong in a task comes back to the client as
+            # that sample's error, and at shutdown a worker's last heartbeat can race the closing scheduler and
+            # log a traceback for nothing.
             cluster = stack.enter_context(LocalCluster(n_workers=workers, threads_per_worker=1, processes=True,
-                                                       dashboard_address=None, silence_logs=40))
+                                                       dashboard_address=None, silence_logs=logging.CRITICAL))
         finally:
             if previous is not None:
                 signal.signal(signal.SIGINT, previous)

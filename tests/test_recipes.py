@@ -60,6 +60,7 @@ def test_ssm_recipe_is_its_implementation_details(recipes):
     assert r["schedule"]["kind"] == "step" and r["schedule"]["step_size"] == 10 and r["schedule"]["gamma"] == 0.1
     assert r["batch_size"] == {"expression": 12, "au": 128} and r["epochs"] == 30
     assert r["class_weighting"] == "none"
+    assert r["augment"]["erase"] > 0 and r["augment"]["flip"] > 0 and any(r["augment"]["color_jitter"])
 
 
 def test_pca_recipe_is_its_implementation_details(recipes):
@@ -76,6 +77,7 @@ def test_grefel_recipe_is_its_implementation_details(recipes):
     assert r["optimizer"] == "adam" and groups(r) == {"all": (3e-4, 0.0)}
     assert r["schedule"]["kind"] == "exponential" and r["schedule"]["gamma"] == 0.995 and r["epochs"] == 1000
     assert r["augment"]["flip"] > 0 and r["augment"]["scale"][0] < 1          # crop 224 of 256, flip
+    assert r["augment"]["rotation"] > 0 and any(r["augment"]["color_jitter"])  # rotation, colour
     assert "500" in r["sources"]["class_weighting"] and "512" in r["sources"]["class_weighting"]
 
 

@@ -147,14 +147,19 @@ def test_a_damaged_checkpoint_is_refused_in_one_line_before_anything_loads_it(so
         shutil.copytree(part, damaged)
         path = damaged / "checkpoints" / checkpoint.name / name
         path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])       # a copy cut short
-        for command in (["train", "--resume", str(damaged)], ["eval", str(damaged)]):
-            done = subprocess.run([sys.executable, "-m", "affectprep", *command], capture_output=True, text=True,
-                                  timeout=300)
-            assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
-            assert done.stderr.strip().splitlines() == [
-                f"affectprep: error: checkpoint {damaged / 'checkpoints' / checkpoint.name} is damaged: {name} "
-                f"differs from what was saved (cut short or changed); restore it from a copy, or start a new run"]
+        done = subprocess.run([sys.executable, "-m", "affectprep", "train", "--resume", str(damaged)],
+                              capture_output=True, text=True, timeout=300)
+        assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
+        assert done.stderr.strip().splitlines() == [
+            f"affectprep: error: checkpoint {damaged / 'checkpoints' / checkpoint.name} is damaged: {name} "
+            f"differs from what was saved (cut short or changed); restore it from a copy, or start a new run"]
     assert RunFolder(part).require_checkpoint() == checkpoint                 # the intact run still resumes
+    selected = part / "selected-model.pt"                                     # what eval and explain load
+    selected.write_bytes(selected.read_bytes()[: selected.stat().st_size // 2])
+    done = subprocess.run([sys.executable, "-m", "affectprep", "eval", str(part)], capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 2 and done.stderr.strip().splitlines() == [
+        f"affectprep: error: {selected} is damaged (cut short or changed); restore it from a copy, or start a new run"]
 
 
 @pytest.fixture
