@@ -5,6 +5,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+import pytest
 import torch
 
 # No hub lookups (there is no network here; a lookup would retry for about a minute), and no face-alignment
@@ -21,3 +22,12 @@ sys.path.insert(0, str(Path(__file__).parent))
 # Tests run tiny models: one thread each is fastest on a small CI machine, where more threads only fight the Dask
 # and DataLoader worker processes for the same cores.
 torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="module")
+def server():
+    """A real OpenAI-compatible server on 127.0.0.1 (tests/openai_server.py), one per test module."""
+    from openai_server import OpenAITestServer
+
+    with OpenAITestServer() as running:
+        yield running

@@ -46,3 +46,16 @@ def _no_face_frames(n: int = 20) -> list[np.ndarray]:
     from skimage.data import coffee
     base = coffee()[:240, :320]
     return [np.roll(base, 3 * i, axis=1) for i in range(n)]
+
+
+def llm_demo_project(tmp: Path, base_url: str, *, clips: int, seed: int) -> ProjectConfig:
+    """A clean demo project whose captioner and CATE rewriter are OpenAI-compatible models at `base_url` (a test
+    server), with one CATE version rather than one per test fold (these projects are about the LLM round trip)."""
+    root = make_demo_dataset(tmp / "DFEW", clips=clips, seed=seed)
+    project = ProjectConfig(tmp / "affectprep.toml", tmp / "cache", {"demo": DatasetConfig("demo", "dfew", root)},
+                            {"faces": {"backend": "haar"},
+                             "captions": {"captioner": "openai:test-vlm", "base_url": base_url},
+                             "cate": {"llm": "openai:gpt-4o-mini", "base_url": base_url},
+                             "emotions": {"protocol": "pooled"}})
+    write_project(project)
+    return project

@@ -18,11 +18,9 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-import pytest
 
 from affectprep.pipeline.demo import render_clip
 from dataset_fixtures import make_mafw
-from openai_server import OpenAITestServer
 from tiny_models import save_t5_that_writes
 
 REPO = Path(__file__).resolve().parents[1]
@@ -90,12 +88,6 @@ def test_every_readme_command_is_walked_or_says_why_not():
     assert sum(c.part == "project" for c in commands) >= 15
     used = {start for start in NOT_RUN if any(c.text.startswith(start) for c in commands)}
     assert used == set(NOT_RUN), f"NOT_RUN lists commands the README no longer shows: {set(NOT_RUN) - used}"
-
-
-@pytest.fixture(scope="module")
-def server():
-    with OpenAITestServer() as running:
-        yield running
 
 
 def _substitute(command: Command, here: dict[str, str]) -> str:

@@ -8,34 +8,20 @@ import sys
 
 import pytest
 
-from affectprep.config import DatasetConfig, ProjectConfig, load_project, write_project
+from affectprep.config import load_project
 from affectprep.pipeline import facs
 from affectprep.pipeline.dag import describe, ensure_index, plan_stages, run_pipeline
-from affectprep.pipeline.demo import make_demo_dataset
 from affectprep.pipeline.text_versions import text_versions
 
-from openai_server import IMAGE_TOKENS, OpenAITestServer, count_tokens
+from openai_server import IMAGE_TOKENS, count_tokens
+from pipeline_fixtures import llm_demo_project
 
 VISION = ("index", "frames", "faces")
 
 
 @pytest.fixture(scope="module")
-def server():
-    with OpenAITestServer() as s:
-        yield s
-
-
-@pytest.fixture(scope="module")
 def project(tmp_path_factory, server):
-    tmp = tmp_path_factory.mktemp("text")
-    root = make_demo_dataset(tmp / "DFEW", clips=21, seed=4)
-    project = ProjectConfig(tmp / "affectprep.toml", tmp / "cache", {"demo": DatasetConfig("demo", "dfew", root)},
-                            {"faces": {"backend": "haar"},
-                             "captions": {"captioner": "openai:test-vlm", "base_url": server.base_url},
-                             "cate": {"llm": "openai:gpt-4o-mini", "base_url": server.base_url},
-                             # one CATE version, not one per test fold: these tests are about the LLM round trip
-                             "emotions": {"protocol": "pooled"}})
-    write_project(project)
+    project = llm_demo_project(tmp_path_factory.mktemp("text"), server.base_url, clips=21, seed=4)
     report = run_pipeline(project, scheduler="inline", progress=False)
     assert report.failed == 0
     return project

@@ -11,33 +11,19 @@ import sys
 
 import pytest
 
-from affectprep.config import ConfigError, DatasetConfig, ProjectConfig, load_project, write_project
+from affectprep.config import ConfigError, load_project
 from affectprep.pipeline.dag import ensure_index, plan_stages, run_pipeline
-from affectprep.pipeline.demo import make_demo_dataset
 from affectprep.pipeline.text_versions import text_versions
 
-from openai_server import OpenAITestServer
+from pipeline_fixtures import llm_demo_project
 
 CLIPS = 14
 CLI = [sys.executable, "-m", "affectprep.cli"]
 
 
 @pytest.fixture(scope="module")
-def server():
-    with OpenAITestServer() as s:
-        yield s
-
-
-@pytest.fixture(scope="module")
 def project(tmp_path_factory, server):
-    tmp = tmp_path_factory.mktemp("trust")
-    root = make_demo_dataset(tmp / "DFEW", clips=CLIPS, seed=2)
-    project = ProjectConfig(tmp / "affectprep.toml", tmp / "cache", {"demo": DatasetConfig("demo", "dfew", root)},
-                            {"faces": {"backend": "haar"},
-                             "captions": {"captioner": "openai:test-vlm", "base_url": server.base_url},
-                             "cate": {"llm": "openai:gpt-4o-mini", "base_url": server.base_url},
-                             "emotions": {"protocol": "pooled"}})
-    write_project(project)
+    project = llm_demo_project(tmp_path_factory.mktemp("trust"), server.base_url, clips=CLIPS, seed=2)
     assert run_pipeline(project, scheduler="inline", progress=False).failed == 0
     return project
 
