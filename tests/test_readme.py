@@ -34,7 +34,12 @@ NOT_RUN = {
     "affectprep train grace --dataset dfew --fold 1 --set model.video_encoder=/ckpt/mae-dfer":
         "the released MAE-DFER / VideoCLIP checkpoints cannot be downloaded here; tests/test_grace.py loads state "
         "dicts with their parameter names through the same path",
-    "affectprep train ssm": "needs an AU dataset (BP4D); tests/test_train_ssm_mgcma.py trains SSM on BP4D's layout",
+    **{start: "needs an AU dataset (BP4D) or FERV39k; tests/test_train_ssm_mgcma.py trains SSM on their layouts"
+       for start in ("affectprep train ssm --dataset dfew --au-dataset", "affectprep train ssm --dataset dfew --fold 5",
+                     "affectprep train ssm --dataset ferv39k", "affectprep train ssm --dataset dfew --fold 1 --au",
+                     "affectprep train ssm --dataset bp4d")},
+    "affectprep eval runs/ssm-": "needs FERV39k and DISFA; tests/test_train_ssm_mgcma.py scores BP4D + DFEW runs "
+                                "on both",
     "affectprep train pca": "needs Oulu-CASIA VIS + NIR; tests/test_train_images.py trains PCA on both domains",
     "affectprep run --stage audio_features": "needs IEMOCAP and pretrained speech/text encoders; "
                                              "tests/test_train_ssm_mgcma.py trains MGCMA from cached features",
