@@ -214,7 +214,11 @@ class TrainConfig:
                                "step_size": self.step_size, "gamma": self.gamma},
                   "epochs": self.epochs, "batch_size": dict(self.batch_size), "class_weighting": self.class_weighting,
                   "clip_grad": self.clip_grad, "seed": self.seed,
-                  "augment": {"scale": list(self.scale), "flip": self.flip, "erase": self.erase},
+                  "augment": {"scale": list(self.scale), "flip": self.flip, "erase": self.erase,
+                              **({"color_jitter": list(self.color_jitter)} if "color_jitter" in recipe.augment
+                                 or any(self.color_jitter) else {}),
+                              **({"rotation": self.rotation} if "rotation" in recipe.augment or self.rotation
+                                 else {})},
                   "model_options": {k: v for k, v in self.model.items() if k in recipe.model_options},
                   "selection": self.selection, "val_fraction": self.val_fraction}
         paper = json.loads(json.dumps(recipe.values()))
@@ -393,12 +397,14 @@ def task_fold(config: TrainConfig, task: str) -> int | None:
 
 def samples_for(sources: Sources, config: TrainConfig, part: str, task: str) -> list[dict]:
     """The index rows of one of a run's three disjoint parts of a task (models/splits.py): "train", "validation"
-    or "test", on the task's fold (task_fold). `config` is resolved (its val_fraction and seed draw the hold-out).
+    or "test", on the task's fold (task_fold). The config's val_fraction and seed (the recipe's where unset) draw
+    the hold-out.
     A task the recipe does not select on (selection_metric) has no validation part and keeps its whole training
     part. The task's fraction (expression_fraction, au_fraction) thins its training part after the hold-out, so
     validation and test are never thinned."""
     if part not in ("train", "validation", "test"):
         raise ValueError(f"unknown part {part!r}; choose train, validation or test")
+    config = config.resolved()
     index, fold = sources.store("index"), task_fold(config, task)
     try:
         if part == "test":

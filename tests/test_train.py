@@ -141,6 +141,7 @@ def test_resume_from_a_checkpoint_equals_the_uninterrupted_run(sources, tmp_path
 def test_a_damaged_checkpoint_is_refused_in_one_line_before_anything_loads_it(sources, tmp_path):
     # accelerate only warns on unreadable random states: without the check, the run would silently diverge.
     part = train(TrainConfig(**TINY, epochs=2), sources, tmp_path / "runs", stop_after_epoch=0, echo=lambda _: None)
+    whole = train(TrainConfig(**TINY, epochs=1), sources, tmp_path / "whole", echo=lambda _: None)
     checkpoint = RunFolder(part).require_checkpoint()
     for name in ("random_states_0.pkl", "model.safetensors"):
         damaged = tmp_path / name
@@ -154,9 +155,9 @@ def test_a_damaged_checkpoint_is_refused_in_one_line_before_anything_loads_it(so
             f"affectprep: error: checkpoint {damaged / 'checkpoints' / checkpoint.name} is damaged: {name} "
             f"differs from what was saved (cut short or changed); restore it from a copy, or start a new run"]
     assert RunFolder(part).require_checkpoint() == checkpoint                 # the intact run still resumes
-    selected = part / "selected-model.pt"                                     # what eval and explain load
+    selected = whole / "selected-model.pt"                                    # what eval and explain load
     selected.write_bytes(selected.read_bytes()[: selected.stat().st_size // 2])
-    done = subprocess.run([sys.executable, "-m", "affectprep", "eval", str(part)], capture_output=True, text=True,
+    done = subprocess.run([sys.executable, "-m", "affectprep", "eval", str(whole)], capture_output=True, text=True,
                           timeout=300)
     assert done.returncode == 2 and done.stderr.strip().splitlines() == [
         f"affectprep: error: {selected} is damaged (cut short or changed); restore it from a copy, or start a new run"]
@@ -249,8 +250,7 @@ def test_features_stages_cache_backbones_and_train_heads_only(project, tmp_path)
 def test_the_readme_features_recipe_works_as_written(project, tmp_path):
     # `run --stage features --set features.video_encoder=X && train ... --from features`, the project file
     # leaving the stage unconfigured: train finds the store that run made (in a copy: a project moves whole).
-    copy = tmp_path / "project"
-    shutil.copytree(project.path.parent, copy, ignore=shutil.ignore_patterns("features", "text_features"))
+    copy = _copy_without_features(project, tmp_path / "project")
     video, _ = _save_tiny_encoders(tmp_path)
 
     def cli(*args):
@@ -270,13 +270,20 @@ def test_the_readme_features_recipe_works_as_written(project, tmp_path):
     assert again.returncode == 0, again.stderr
 
 
-def test_features_stage_is_opt_in_and_says_what_to_set(project):
+def test_features_stage_is_opt_in_and_says_what_to_set(project, tmp_path):
     from affectprep.config import ConfigError
 
     with pytest.raises(ConfigError, match="stages.features.video_encoder"):
         run_pipeline(project, "features", progress=False)
+    fresh = _copy_without_features(project, tmp_path / "project")   # no features store made by another test
     with pytest.raises(ConfigError, match="run the features stage|video_encoder"):
-        resolve_sources(project, "demo", features=True)
+        resolve_sources(load_project(fresh / "affectprep.toml"), "demo", features=True)
+
+
+def _copy_without_features(project: ProjectConfig, folder: Path) -> Path:
+    """A copy of the project (a project moves whole) without any features store."""
+    shutil.copytree(project.path.parent, folder, ignore=shutil.ignore_patterns("features", "text_features"))
+    return folder
 
 
 def test_train_cli_errors_are_one_line(project, tmp_path):
@@ -304,7 +311,8 @@ def test_train_cli_errors_are_one_line(project, tmp_path):
     # Recipe values through --set, table entries included, are checked like any other option.
     size = cli("train", "grace", "--tiny", "--config", str(project.path), "--set", "batch_size.expression=zero")
     assert size.returncode == 2 and "train.batch_size" in size.stderr and "Traceback" not in size.stderr
-    group = cli("train", "grace", "--tiny", "--config", str(project.path), "--set", "group_lr.backbone=1e-5")
+    group = cli("train", "grace", "--tiny", "--config", str(project.path), "--fold", "1", "--set",
+                "group_lr.backbone=1e-5")
     assert group.returncode == 2 and "parameter groups all, not backbone" in group.stderr
 
 

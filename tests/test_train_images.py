@@ -48,7 +48,8 @@ CLASSES = 7
 # recipe (Adam, x0.995 per epoch) has its own test below.
 GREFEL = dict(model_name="grefel", tiny=True, batch_size=8, epochs=40, lr=3e-3, warmup_epochs=1, num_workers=0,
               eval_every=40, model={"allow_template_landmarks": True}, selection="last", val_fraction=0.0,
-              optimizer="adamw", weight_decay=0.05, schedule="cosine", scale=(0.8, 1.0), erase=0.25, clip_grad=1.0)
+              optimizer="adamw", weight_decay=0.05, schedule="cosine", scale=(0.8, 1.0), erase=0.25, clip_grad=1.0,
+              rotation=0.0, color_jitter=(0.0, 0.0, 0.0, 0.0))   # the recipe it was tuned on, before GReFEL's heavy one
 PCA_RUN = dict(model_name="pca", tiny=True, batch_size=8, epochs=12, lr=5e-3, warmup_epochs=1, num_workers=0,
                eval_every=12, target_labels=TARGET_LABELS, selection="last", val_fraction=0.0)
 
