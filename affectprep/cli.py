@@ -367,10 +367,8 @@ def recipe_show(model: Annotated[str, typer.Argument(help="A registered model.")
     """A model's training recipe as its paper gives it: every value with its source, and its ablation rows.
     `affectprep train MODEL` trains with it; --set KEY=VALUE overrides a value."""
     from affectprep.models.recipes import recipe_for, table
-    from affectprep.models.registry import list_models
 
-    if model not in list_models():
-        raise ConfigError(f"unknown model '{model}'; registered models: {', '.join(list_models())}")
+    _require_model(model)
     recipe = recipe_for(model).to_json()
     typer.echo(json.dumps(recipe, indent=2) if as_json else table(recipe))
 
@@ -452,13 +450,13 @@ def train(model: Annotated[Optional[str], typer.Argument(help="A registered mode
         sources = _training_sources(project, train_config, dataset, au_dataset, target_dataset, text_version)
         main_source = next(iter(sources.values()))
         _require_model(model)
-        if train_config.fold is None and not every_fold and folds_of(main_source):
-            raise ConfigError(f"dataset '{main_source.dataset}' is evaluated on its official folds "
-                              f"{folds_of(main_source)}: pass --fold K, or --fold all for the whole protocol")
+        folds = folds_of(main_source)
+        if train_config.fold is None and not every_fold and folds:
+            raise ConfigError(f"dataset '{main_source.dataset}' is evaluated on its official folds {folds}: pass "
+                              f"--fold K, or --fold all for the whole protocol")
         if every_fold:
             if stop_after_epoch is not None:
                 raise ConfigError("--stop-after-epoch stops one run; with --fold all, stop and resume each fold's run")
-            folds = folds_of(main_source)
             if not folds:
                 raise ConfigError("--fold all: this dataset has no official folds (it has a fixed split)")
             if "au" in sources and "expression" in sources and train_config.au_fold is None \

@@ -23,12 +23,11 @@ from accelerate import Accelerator
 from accelerate.utils import gather_object
 from torch import nn
 
-from affectprep import schema as S
 from affectprep.config import ConfigError
 
 from . import metrics
 from .data import DOMAINS, Split, select_samples, with_domain
-from .runs import RunFolder, Sources, TrainConfig, make_dataset, make_loader, samples_for, to_device
+from .runs import RunFolder, Sources, TrainConfig, folds_of, make_dataset, make_loader, samples_for, to_device
 
 
 def predict(model: nn.Module, loader, accelerator: Accelerator, domain: int | None = None) -> list[dict[str, Any]]:
@@ -202,8 +201,7 @@ def cross_samples(other: Sources, task: str, fold: int | None) -> list[dict]:
     except ValueError as e:
         if fold is not None or "no fixed split" not in str(e):
             raise ConfigError(f"dataset '{other.dataset}': {e}") from None
-    folds = sorted({f for f in index.read(["fold"], status=S.STATUS_OK).column("fold").to_pylist() if f})
-    return sorted((s for k in folds for s in select_samples(index, Split(k), "test", task)),
+    return sorted((s for k in folds_of(other) for s in select_samples(index, Split(k), "test", task)),
                   key=lambda s: s["sample_id"])
 
 

@@ -182,7 +182,6 @@ class TrainConfig:
                   for name, default in pick.items()}
         # The floor keeps its ratio to the peak, so a changed lr moves it too.
         min_lr = self.min_lr if self.min_lr is not None else schedule["min_lr"] * ratio
-        weight_decay = self.weight_decay
         if values["schedule"] == "step" and values["step_size"] is None or (
                 values["schedule"] in ("step", "exponential") and values["gamma"] is None):
             raise ConfigError(f"train.schedule {values['schedule']} needs step_size (step) and gamma")
@@ -190,8 +189,8 @@ class TrainConfig:
             raise ConfigError("train.val_fraction = 0 leaves no validation part to select on: set selection = "
                               "\"last\" to report the last epoch")
         model = {**recipe.model_options, **self.model}
-        return dataclasses.replace(self, lr=lr, group_lr=group_lr, batch_size=sizes, min_lr=min_lr,
-                                   weight_decay=weight_decay, model=model, **values)
+        return dataclasses.replace(self, lr=lr, group_lr=group_lr, batch_size=sizes, min_lr=min_lr, model=model,
+                                   **values)
 
     def group_weight_decay(self) -> dict[str, float]:
         """Each recipe group's weight decay (`weight_decay` overrides every one)."""
@@ -206,9 +205,10 @@ class TrainConfig:
         """The recipe as this (resolved) run trains it, in `recipe show --json` form; `sources` names the values
         that differ from the paper's recipe."""
         recipe = recipe_for(self.model_name)
+        decay = self.group_weight_decay()
         values = {"optimizer": self.optimizer, "betas": list(self.betas) if self.betas else None, "eps": self.eps,
                   "momentum": self.momentum, "layer_decay": self.layer_decay,
-                  "param_groups": [{"name": name, "lr": lr, "weight_decay": self.group_weight_decay()[name]}
+                  "param_groups": [{"name": name, "lr": lr, "weight_decay": decay[name]}
                                    for name, lr in self.group_lr.items()],
                   "schedule": {"kind": self.schedule, "warmup_epochs": self.warmup_epochs, "min_lr": self.min_lr,
                                "step_size": self.step_size, "gamma": self.gamma},
