@@ -35,6 +35,7 @@ import os
 import socket
 import time
 import uuid
+from collections import Counter
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -92,6 +93,13 @@ class _Index:
     parts: set[str]                                            # part names it covers
     rows: dict[str, tuple[str, str | None, str, int]]          # sid -> (status, digest, part, row group)
     saved: bool = False                                         # what the index file on disk holds
+    _winners: Counter | None = None                             # (part, row group) -> rows it holds that win
+
+    def winners(self, part: str, group: int) -> int:
+        """How many samples' newest rows the row group holds (all its rows, unless rewritten since)."""
+        if self._winners is None:
+            self._winners = Counter((row[2], row[3]) for row in self.rows.values())
+        return self._winners[(part, group)]
 
 
 class Store:
@@ -335,7 +343,7 @@ class Store:
             if held is None or held[2] <= name:
                 rows[sid] = (status, dig, name, group)
         index.parts.add(name)
-        index.saved = False
+        index.saved, index._winners = False, None
 
     # ---- reading -------------------------------------------------------------------------------------------------
 
@@ -410,9 +418,10 @@ class Store:
             file = self._file(part)
             for group in (groups if groups is not None else range(file.metadata.num_row_groups)):
                 table = file.read_row_group(group, columns=read_cols)
-                keep = [(r := rows.get(sid)) is not None and r[2] == part and r[3] == group
-                        and (wanted is None or sid in wanted) for sid in table.column("sample_id").to_pylist()]
-                table = table.filter(pa.array(keep, pa.bool_()))
+                if not (wanted is None and index.winners(part, group) == table.num_rows):   # else: all win
+                    keep = [(r := rows.get(sid)) is not None and r[2] == part and r[3] == group
+                            and (wanted is None or sid in wanted) for sid in table.column("sample_id").to_pylist()]
+                    table = table.filter(pa.array(keep, pa.bool_()))
                 if table.num_rows:
                     yield table.select(list(dict.fromkeys([*out_cols, "status"])))
         except FileNotFoundError:

@@ -11,7 +11,6 @@ cluster; `scheduler="inline"` runs everything in this process, one batch at a ti
 """
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
@@ -28,11 +27,14 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 from tqdm import tqdm
 
 from affectprep import schema as S
 from affectprep.config import ConfigError, DatasetConfig, ProjectConfig
-from affectprep.store import PartSummary, Store, next_part_floor
+from affectprep.store import PartSummary, Store, list_keys, next_part_floor
 
 from .datasets import DatasetError, index_table
 from .planner import (DatasetPlan, StagePlan, applies_to, dataset_names, describe, index_counts, index_store,
@@ -83,8 +85,13 @@ class RunReport:
 def ensure_index(project: ProjectConfig, ds: DatasetConfig) -> Store:
     """Build the index, and store the rows that are new or changed since the last run. The annotations are in the
     key, but the media are not (hashing 65k videos is too slow): a clip added or repaired since the last run turns
-    from failed to ok here, and then counts as pending for the stages after."""
+    from failed to ok here, and then counts as pending for the stages after. Media an earlier index of the dataset
+    found usable are not checked again (see datasets/base.py: a deleted file fails at the stage that reads it), so
+    an index under the same annotations with no failed row cannot change, and is not read again at all."""
     store, adapter, config = index_store(project, ds)
+    if store.exists() and S.STATUS_FAILED not in set(store.statuses().values()):
+        return store
+    adapter.checked_media = checked_media(project, ds, store)
     try:
         table = index_table(adapter)
     except DatasetError as e:
@@ -94,16 +101,55 @@ def ensure_index(project: ProjectConfig, ds: DatasetConfig) -> Store:
             store.write_config(config)
             store.write(table)
             return store
-        # Compared as JSON text because unknown AUs are NaN, and NaN != NaN.
-        stored = {row["sample_id"]: _canonical(row) for row in store.read().to_pylist()}
-        changed = [i for i, row in enumerate(table.to_pylist()) if stored.get(row["sample_id"]) != _canonical(row)]
-        if changed:
+        changed = changed_rows(table, store.read())
+        if len(changed):
             store.write(table.take(changed))
     return store
 
 
-def _canonical(row: dict[str, Any]) -> str:
-    return json.dumps(row, sort_keys=True, default=str)
+def checked_media(project: ProjectConfig, ds: DatasetConfig, store: Store) -> dict[str, str]:
+    """Media path (relative to the root, as the index stores it) -> media kind of the ok samples of the dataset's
+    index as the annotations are now, or else of its newest index (annotations edited since: most media are the
+    same files)."""
+    source = store if store.exists() else next(
+        (s for key in list_keys(project.cache, ds.name, "index") if (s := Store(project.cache, ds.name, "index", key))
+         .exists()), None)
+    if source is None:
+        return {}
+    table = source.read(["media_path", "media_kind"], status=S.STATUS_OK)
+    return dict(zip(table.column("media_path").to_pylist(), table.column("media_kind").to_pylist()))
+
+
+def changed_rows(new: pa.Table, old: pa.Table) -> pa.Array:
+    """Positions of the rows of `new` with no row of the same sample_id in `old`, or a different one. Null equals
+    null, and NaN equals NaN (an unknown AU), unlike Arrow's `equal`."""
+    position = pc.index_in(new.column("sample_id"), value_set=old.column("sample_id"))
+    same = pc.is_valid(position)
+    aligned = old.take(position)
+    for name in new.schema.names:
+        same = pc.and_(same, _same_values(new.column(name).combine_chunks(), aligned.column(name).combine_chunks()))
+    return pc.indices_nonzero(pc.invert(same))
+
+
+def _same_values(a: pa.Array, b: pa.Array) -> pa.Array:
+    both_null = pc.and_(pc.is_null(a), pc.is_null(b))
+    if pa.types.is_list(a.type):
+        lengths = pc.fill_null(pc.equal(pc.list_value_length(a), pc.list_value_length(b)), False)
+        same = pc.or_(both_null, lengths)
+        # Values compared flat, over the rows whose lengths agree; a row with one differing value differs.
+        rows = pc.indices_nonzero(pc.and_(pc.fill_null(lengths, False), pc.is_valid(a)))
+        flat_a, flat_b = a.take(rows), b.take(rows)
+        values = _same_values(pc.list_flatten(flat_a), pc.list_flatten(flat_b))
+        differing = pc.unique(pc.filter(pc.list_parent_indices(flat_a), pc.invert(values)))
+        if len(differing):
+            mask = np.ones(len(a), dtype=bool)
+            mask[rows.to_numpy()[differing.to_numpy()]] = False
+            same = pc.and_(same, pa.array(mask))
+        return same
+    same = pc.or_(both_null, pc.fill_null(pc.equal(a, b), False))
+    if pa.types.is_floating(a.type):
+        same = pc.or_(same, pc.fill_null(pc.and_(pc.is_nan(a), pc.is_nan(b)), False))
+    return same
 
 
 # ---- execution -----------------------------------------------------------------------------------------------------
@@ -438,7 +484,7 @@ class _Runner:
             elif ready:
                 self._execute(plan, segment, ready, reports)
         for stage, rep in zip(plan.stages, reports):
-            rep.failed_total = sum(plan.status(stage, s) == S.STATUS_FAILED for s in plan.applicable(stage, population))
+            rep.failed_total = plan.count(stage, population, S.STATUS_FAILED)
         return reports
 
     def _run_dataset_stage(self, plan: DatasetPlan, stage_plan: StagePlan, pending: list[str],

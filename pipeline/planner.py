@@ -18,6 +18,8 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
+import pyarrow.compute as pc
+
 from affectprep import schema as S
 from affectprep.config import ConfigError, DatasetConfig, ProjectConfig, build_dataclass
 from affectprep.store import Store
@@ -146,6 +148,11 @@ def applies_to(stage: Stage, media_kind: str, label: int | None) -> bool:
     return media_kind in stage.media_kinds and (not stage.needs_label or (label is not None and label >= 0))
 
 
+def _applies_key(stage: Stage) -> tuple:
+    """What `applies_to` depends on: stages sharing it share one set of samples (every video, every label)."""
+    return bool(stage.reads), tuple(sorted(stage.media_kinds)), stage.needs_label
+
+
 class DatasetPlan:
     """One dataset's stages under the current config, and for each stage and sample: the input digest the current
     index gives, the stored row, and so whether the sample is done, stale, ready or blocked.
@@ -167,31 +174,39 @@ class DatasetPlan:
         self._expected: dict[str, dict[str, str | None]] = {}
         # Worked out once per stage (a 300k-sample dataset asks per sample many times): the samples a stage
         # applies to, and the status of each sample's current row.
-        self._applies: dict[str, set[str]] = {}
+        self._applies: dict[tuple, set[str]] = {}
+        self._applicable_all: dict[tuple, list[str]] = {}
         self._current: dict[str, dict[str, str]] = {}
         self._sorted = sorted(self.samples)
 
     # ---- which samples -----------------------------------------------------------------------------------------
 
     def population(self, limit: int | None = None) -> list[str]:
-        """The index's usable samples in id order, the first `limit` of them."""
-        return self._sorted[:limit] if limit is not None else list(self._sorted)
+        """The index's usable samples in id order, the first `limit` of them (all: one shared list, not to be
+        changed)."""
+        return self._sorted[:limit] if limit is not None else self._sorted
 
     def applies(self, plan: StagePlan, sid: str) -> bool:
         return sid in self._applying(plan)
 
     def _applying(self, plan: StagePlan) -> set[str]:
-        if plan.name not in self._applies:
-            self._applies[plan.name] = {sid for sid, sample in self.samples.items()
-                                        if applies_to(plan.stage, sample["media_kind"], sample["label"])}
-        return self._applies[plan.name]
+        key = _applies_key(plan.stage)
+        if key not in self._applies:
+            self._applies[key] = {sid for sid, sample in self.samples.items()
+                                  if applies_to(plan.stage, sample["media_kind"], sample["label"])}
+        return self._applies[key]
 
     def applicable(self, plan: StagePlan, population: list[str]) -> list[str]:
         """The samples of `population` the stage has work for (an asset's rows are not samples: its stored ids)."""
         if not plan.stage.reads:
             return list(self.stored(plan))
         applying = self._applying(plan)
-        return [sid for sid in population if sid in applying]
+        if population is not self._sorted:
+            return [sid for sid in population if sid in applying]
+        key = _applies_key(plan.stage)   # the whole population, asked for by every report: once per key
+        if key not in self._applicable_all:
+            self._applicable_all[key] = [sid for sid in population if sid in applying]
+        return self._applicable_all[key]
 
     # ---- what is stored, and whether it is current -------------------------------------------------------------
 
@@ -224,8 +239,14 @@ class DatasetPlan:
 
     def done(self, plan: StagePlan, population: list[str], retry_failed: bool = False) -> dict[str, str]:
         """sample -> status of the current rows among `population` (failed ones left out with retry_failed)."""
-        return {sid: self.status(plan, sid) for sid in self.applicable(plan, population)
-                if self.is_done(plan, sid, retry_failed)}
+        current = self.current(plan)
+        return {sid: status for sid in self.applicable(plan, population)
+                if (status := current.get(sid)) == S.STATUS_OK or (status is not None and not retry_failed)}
+
+    def count(self, plan: StagePlan, population: list[str], status: str) -> int:
+        """How many samples of `population` the stage applies to have a current row with `status`."""
+        current = self.current(plan)
+        return sum(current.get(sid) == status for sid in self.applicable(plan, population))
 
     def ready(self, plan: StagePlan, population: list[str] | None = None) -> list[str]:
         """The samples the stage applies to whose upstream rows are all current and ok (what a stage that learns
@@ -242,12 +263,17 @@ class DatasetPlan:
         """For a run of consecutive stages: the samples to start at each stage (by position in `stages`): the
         first stage of the segment they are not done for, when every stage before it is done and ok for them;
         and per stage the samples blocked there by an upstream stage that is not."""
-        positions = [self.stages.index(p) for p in segment]
+        # Per stage: (position, the samples it applies to, their current statuses), looked up per sample.
+        stages = [(self.stages.index(p), self._applying(p), self.current(p)) for p in segment]
         starts: dict[int, list[str]] = {}
         blocked: dict[int, int] = {}
         for sid in population:
-            first = next((i for i, p in zip(positions, segment)
-                          if self.applies(p, sid) and not self.is_done(p, sid, retry_failed)), None)
+            first = None
+            for i, applying, current in stages:
+                if sid in applying and not ((status := current.get(sid)) == S.STATUS_OK
+                                            or (status is not None and not retry_failed)):
+                    first = i
+                    break
             if first is None:
                 continue
             if self.upstream_ok(self.stages[first], sid):
@@ -262,17 +288,19 @@ class DatasetPlan:
         out: dict[str, tuple[set[str], set[str]]] = {}
         upstream: set[str] = set()
         for plan in self.stages:
-            applies = self.applicable(plan, population)
-            failed = {s for s in applies if self.status(plan, s) == S.STATUS_FAILED}
-            blocked = {s for s in applies if s in upstream and self.status(plan, s) is None}
+            current = self.current(plan)
+            applying = self._applying(plan) if plan.stage.reads else set(self.stored(plan))
+            wanted = applying if population is self._sorted else applying & set(population)
+            failed = {s for s, status in current.items() if status == S.STATUS_FAILED and s in wanted}
+            blocked = {s for s in upstream if s in wanted and s not in current}
             out[plan.name] = (failed, blocked)
             upstream |= failed | blocked
         return out
 
     def stale(self, plan: StagePlan, population: list[str]) -> list[str]:
         """Samples with a stored row made from other inputs than the current ones."""
-        stored = self.stored(plan)
-        return [sid for sid in self.applicable(plan, population) if sid in stored and self.status(plan, sid) is None]
+        stored, current = self.stored(plan), self.current(plan)
+        return [sid for sid in self.applicable(plan, population) if sid in stored and sid not in current]
 
     def upstream_ok(self, plan: StagePlan, sid: str) -> bool:
         """Every stage before `plan` that applies to the sample has a current ok row for it."""
@@ -387,7 +415,7 @@ def describe(project: ProjectConfig, datasets: list[str] | None = None) -> list[
         for stage in plan.stages:
             applies = plan.applicable(stage, population)
             failed, blocked = outcomes[stage.name]
-            done = sum(plan.status(stage, sid) == S.STATUS_OK for sid in applies)
+            done = plan.count(stage, population, S.STATUS_OK)
             entry["stages"].append({
                 "stage": stage.stage.name, "name": stage.name, "test_fold": stage.test_fold, "key": stage.key,
                 "backend": stage.config["identity"].get("backend"),
@@ -409,4 +437,5 @@ def _failures(store: Store) -> list[dict[str, str]]:
 def _warnings(store: Store) -> list[dict[str, str]]:
     """The ok rows a stage flagged (sample_id, warning)."""
     table = store.read(["sample_id", "warning"], status=S.STATUS_OK)
-    return [row for row in table.to_pylist() if row["warning"]]
+    flagged = pc.fill_null(pc.not_equal(table.column("warning"), ""), False)
+    return table.filter(flagged).to_pylist()

@@ -130,9 +130,13 @@ def cache_key(payload: dict[str, Any]) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
+# What json.dumps(parts, default=str, separators=(",", ":")) makes, without building an encoder per sample.
+_DIGEST_JSON = json.JSONEncoder(default=str, separators=(",", ":"))
+
+
 def digest(parts: Any) -> str:
     """A sample's input digest (see schema `input_digest`): short, stable across processes and machines."""
-    return hashlib.blake2b(json.dumps(parts, default=str, separators=(",", ":")).encode(), digest_size=8).hexdigest()
+    return hashlib.blake2b(_DIGEST_JSON.encode(parts).encode(), digest_size=8).hexdigest()
 
 
 def file_digest(path: Path, chunk: int = 1 << 20) -> str:

@@ -28,11 +28,12 @@ import weakref
 from collections.abc import Coroutine, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
-
-import openai
+from typing import TYPE_CHECKING, Any
 
 from .llm_cache import ResponseCache
+
+if TYPE_CHECKING:
+    import openai   # imported where a client starts: half a second that `status` and `train` need not pay
 
 log = logging.getLogger(__name__)
 
@@ -376,6 +377,8 @@ class ChatClient:
             return self._runner
 
     async def _open(self) -> tuple[openai.AsyncOpenAI, asyncio.Semaphore]:
+        import openai
+
         client = openai.AsyncOpenAI(api_key=os.environ.get(self.api_key_env) or _PLACEHOLDER_KEY,
                                     base_url=self.base_url, timeout=self.timeout, max_retries=0)
         return client, asyncio.Semaphore(self.concurrency)
@@ -404,6 +407,8 @@ class ChatClient:
 
     async def _send(self, request: ChatRequest) -> ChatResult:
         """The answer, after retries; LLMFailure when there is none."""
+        import openai
+
         body = request.body()
         attempt = 0
         while True:

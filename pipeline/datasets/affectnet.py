@@ -90,8 +90,8 @@ class AffectNet(ImageDataset):
             label = affectnet_index(code, self.options.classes)
         except UnknownLabel as e:
             raise BadSample(str(e)) from None
-        image = self.image_file(self.inside(media, relative))
-        return {"sample_id": sample_id, "media_path": str(image), "media_kind": "image", "label": label,
+        image = self.checked_path(media, relative) or str(self.image_file(self.inside(media, relative)))
+        return {"sample_id": sample_id, "media_path": image, "media_kind": "image", "label": label,
                 "label_name": label_set(self.label_set).names[label], "labels": [label], "split": split, "fold": 0}
 
 

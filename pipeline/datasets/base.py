@@ -8,6 +8,13 @@ option) raises: `DatasetError` or `ValueError`, with a one-line message.
 
 Sample ids are unique within an index. A row whose id cannot be read, or repeats an earlier one, is kept under the
 id `<annotation file>:<line>` so that nothing is dropped and every id still names one row.
+
+Media checked before. Checking media costs a few system calls and a file opening per sample (half a minute at 300k
+samples), so a rerun does not check again what an earlier index of the dataset found usable: `checked_media` maps
+those media (path as the index stores it -> media kind), and the checks below (`inside`, `media_file`, `frame_folder`,
+`find_clip`, an image's signature) take a path listed there as checked. A choice: a file deleted or damaged since
+fails at the stage that reads it, as a recorded sample error, instead of at the index; a sample that failed here is
+checked again on every run, so a clip added or repaired turns ok.
 """
 from __future__ import annotations
 
@@ -53,6 +60,8 @@ class DatasetAdapter:
         self.excluded: Counter[str] = Counter()   # samples left out by the dataset's protocol, by reason
         self._seen: dict[str, tuple[Path, int]] = {}   # sample id -> (file, line) where it was first listed
         self._resolved: dict[Path, str] = {}      # media base folder -> its resolved path
+        self.checked_media: dict[str, str] = {}   # media path (as stored) -> kind, usable in an earlier index
+        self._root_prefix = str(self.root).rstrip(os.sep) + os.sep
 
     def labels(self) -> LabelSet:
         return label_set(self.label_set)
@@ -119,8 +128,25 @@ class DatasetAdapter:
         known["sample_id"] = sample_id
         return sample_id
 
+    def checked(self, path: str | Path) -> str | None:
+        """The media kind of `path` if an earlier index found it usable (see the module docstring), else None."""
+        if not self.checked_media:
+            return None
+        text = os.fspath(path)
+        key = text[len(self._root_prefix):] if text.startswith(self._root_prefix) else text
+        return self.checked_media.get(key if os.sep == "/" else key.replace(os.sep, "/"))
+
+    def checked_path(self, base: Path, relative: str) -> str | None:
+        """`base/relative` as a string if an earlier index found it usable, else None: what an adapter of 300k
+        images asks before `inside` and the checks (a Path per sample costs seconds)."""
+        lexical = os.path.normpath(os.path.join(base, relative))
+        return lexical if self.checked(lexical) else None
+
     def inside(self, base: Path, relative: str) -> Path:
         """`base/relative`, resolved; a BadSample if it resolves outside `base` (`..`, absolute paths, symlinks)."""
+        lexical = os.path.normpath(os.path.join(base, relative))
+        if self.checked(lexical):   # resolved to itself before: no symlink, no `..` out of `base`
+            return Path(lexical)
         base_resolved = self._resolved.get(base) or self._resolved.setdefault(base, str(base.resolve()))
         # os.path on strings: the same resolution as Path.resolve, a fraction of the cost per sample.
         path = os.path.realpath(os.path.join(base, relative))
@@ -130,6 +156,8 @@ class DatasetAdapter:
 
     def media_file(self, path: Path) -> Path:
         """An existing, non-empty media file."""
+        if self.checked(path):
+            return path
         if not path.is_file():
             raise BadSample(f"media file {self.show(path)} not found")
         if path.stat().st_size == 0:
@@ -138,6 +166,8 @@ class DatasetAdapter:
 
     def frame_folder(self, path: Path) -> Path:
         """An existing folder holding at least one image."""
+        if self.checked(path):
+            return path
         if not path.is_dir():
             raise BadSample(f"frame folder {self.show(path)} not found")
         with os.scandir(path) as entries:
@@ -150,13 +180,17 @@ class DatasetAdapter:
 
         Tries each name in turn (e.g. "00001" then "1"): (resolved path, "frames" | "video").
         """
-        for name in names:
-            for candidate in (name, *(name + ext for ext in VIDEO_EXTS)):
-                path = self.inside(base, candidate)
-                if path.is_dir():
-                    return self.frame_folder(path), "frames"
-                if path.suffix.lower() in VIDEO_EXTS and path.exists():
-                    return self.media_file(path), "video"
+        candidates = [candidate for name in names for candidate in (name, *(name + ext for ext in VIDEO_EXTS))]
+        for candidate in candidates:
+            lexical = os.path.normpath(os.path.join(base, candidate))
+            if (kind := self.checked(lexical)) in ("frames", "video"):
+                return Path(lexical), kind
+        for candidate in candidates:
+            path = self.inside(base, candidate)
+            if path.is_dir():
+                return self.frame_folder(path), "frames"
+            if path.suffix.lower() in VIDEO_EXTS and path.exists():
+                return self.media_file(path), "video"
         raise BadSample(f"no video or frame folder named '{names[0]}' in {self.show(base)}")
 
 
@@ -248,7 +282,14 @@ def build_index(kind: str, root: Path, options: dict[str, Any] | None = None) ->
 def index_table(adapter: DatasetAdapter) -> pa.Table:
     """The index rows, media paths relative to the dataset root: a project moved or copied elsewhere keeps its
     index (and so every store after it)."""
-    rows = [_relative_media(row, adapter.root) for row in adapter.rows()]
+    # Made a chunk at a time: 300k row dicts at once would cost a gigabyte.
+    chunks, rows = [], []
+    for row in adapter.rows():
+        rows.append(_relative_media(row, adapter.root))
+        if len(rows) == 8192:
+            chunks.append(pa.Table.from_pylist(rows, schema=schema.INDEX))
+            rows = []
+    chunks.append(pa.Table.from_pylist(rows, schema=schema.INDEX))
     labels = adapter.labels()
     metadata = {
         **schema.INDEX.metadata,
@@ -257,18 +298,20 @@ def index_table(adapter: DatasetAdapter) -> pa.Table:
         b"affectprep.label_names": json.dumps(list(labels.names)).encode(),
         b"affectprep.excluded": json.dumps(dict(sorted(adapter.excluded.items()))).encode(),
     }
-    return pa.Table.from_pylist(rows, schema=schema.INDEX).replace_schema_metadata(metadata)
+    return pa.concat_tables(chunks).combine_chunks().replace_schema_metadata(metadata)
 
 
 def _relative_media(row: dict[str, Any], root: Path) -> dict[str, Any]:
+    """The row (an adapter's own, changed in place) with its media path relative to `root` when inside it."""
     path = row.get("media_path")
     if not path:
         return row
     text, base = str(path), str(root).rstrip(os.sep)
     if text.startswith(base + os.sep):   # Path.is_relative_to is lexical too: the same test on the string
-        return {**row, "media_path": Path(text[len(base) + 1:]).as_posix()}
-    if Path(path).is_relative_to(root):
-        return {**row, "media_path": Path(path).relative_to(root).as_posix()}
+        relative = text[len(base) + 1:]
+        row["media_path"] = relative if os.sep == "/" else Path(relative).as_posix()
+    elif Path(path).is_relative_to(root):
+        row["media_path"] = Path(path).relative_to(root).as_posix()
     return row
 
 

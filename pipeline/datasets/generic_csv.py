@@ -100,7 +100,7 @@ class CSVDataset(DatasetAdapter):
         if label is None:
             raise BadSample(f"unknown label '{values['label']}' (expected one of {', '.join(labels.names)})")
         media = self.inside(self.root, relative)
-        kind = _media_kind(media)
+        kind = self.checked(media) or _media_kind(media)
         if kind is None:
             if not media.exists():
                 raise BadSample(f"media {self.show(media)} not found")

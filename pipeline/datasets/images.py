@@ -28,6 +28,8 @@ SIGNATURES = (b"\xff\xd8\xff", b"\x89PNG\r\n\x1a\n", b"BM")
 class ImageDataset(DatasetAdapter):
     def image_file(self, path: Path) -> Path:
         """An existing, non-empty file that starts like a JPEG, PNG or BMP image."""
+        if self.checked(path):
+            return path
         self.media_file(path)
         with open(path, "rb") as f:
             head = f.read(8)

@@ -8,6 +8,7 @@ option `images` picks one. sample_id = the listed name without extension (`train
 """
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,9 +46,9 @@ class RAFDB(ImageDataset):
         if len(fields) != 2:
             raise BadSample(f"expected 2 fields (image label), got {len(fields)}")
         name, code = fields
-        stem = Path(name).stem
+        stem, suffix = os.path.splitext(name)   # strings, not Paths: 300k of them per index
         split = stem.split("_")[0]
-        if split not in SPLITS or Path(name).name != name:
+        if split not in SPLITS or os.path.basename(name) != name:
             raise BadSample(f"image name '{name}' is not of the form train_00001.jpg or test_0001.jpg")
         known["split"] = split
         sample_id = self.claim(stem, path, line, known)
@@ -55,7 +56,7 @@ class RAFDB(ImageDataset):
             label = rafdb_index(code)
         except UnknownLabel as e:
             raise BadSample(str(e)) from None
-        file = f"{stem}_aligned{Path(name).suffix}" if self.options.images == "aligned" else name
-        image = self.image_file(self.inside(media, file))
-        return {"sample_id": sample_id, "media_path": str(image), "media_kind": "image", "label": label,
+        file = f"{stem}_aligned{suffix}" if self.options.images == "aligned" else name
+        image = self.checked_path(media, file) or str(self.image_file(self.inside(media, file)))
+        return {"sample_id": sample_id, "media_path": image, "media_kind": "image", "label": label,
                 "label_name": BASIC7[label], "labels": [label], "split": split, "fold": 0}

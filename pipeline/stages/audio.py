@@ -22,7 +22,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from scipy.signal import resample_poly
 
 from ..media import MediaError
 from ..stage import SampleError, Stage
@@ -78,6 +77,8 @@ def resample(samples: np.ndarray, rate: int) -> np.ndarray:
     if rate == SAMPLE_RATE:
         return samples
     common = math.gcd(SAMPLE_RATE, rate)
+    from scipy.signal import resample_poly   # here: scipy.signal costs a second to import, for every command
+
     return resample_poly(samples, SAMPLE_RATE // common, rate // common).astype(np.float32)
 
 
