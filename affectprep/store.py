@@ -59,9 +59,12 @@ QUARANTINED: list[tuple[Path, str]] = []
 # small enough that reading one sample (by the index's row group) reads little.
 GROUP_ROWS = 4096
 GROUP_BYTES = 64 << 20
-# A store with more parts than this, most of them small, is compacted by the run that wrote it.
+# A store with more small parts than this is compacted by the run that wrote them. A part is small when it holds
+# fewer rows than a row group should and under a quarter of its bytes: a run's tasks write parts of up to 1024
+# rows, which for frame indices or captions is a few kilobytes (a store read by ids then pays per part), while
+# 1024 face crops are already a row group worth its read.
 COMPACT_PARTS = 64
-SMALL_PART_ROWS = 1024
+SMALL_PART_BYTES = GROUP_BYTES // 4
 
 _INDEX_SCHEMA = pa.schema([pa.field("sample_id", pa.string()), pa.field("status", pa.string()),
                            pa.field("input_digest", pa.string()), pa.field("part", pa.string()),
@@ -208,7 +211,7 @@ class Store:
 
     def compact(self, small_only: bool = False) -> int:
         """Rewrite the store's rows (the newest of each sample) into parts of large row groups; returns the parts
-        removed. `small_only`: merge only the parts under SMALL_PART_ROWS rows (what a run does on its own).
+        removed. `small_only`: merge only the small parts (see COMPACT_PARTS; what a run does on its own).
 
         Streams part by part, so memory stays bounded by a row group. The merged part holds only winning rows and
         is newest, and is renamed into place (and the index saved) before the old parts are deleted: a crash in
@@ -216,8 +219,7 @@ class Store:
         index = self._load()
         parts = sorted(index.parts)
         if small_only:
-            sizes = _part_rows(self.path, parts)
-            parts = [p for p in parts if sizes.get(p, 0) < SMALL_PART_ROWS]
+            parts = _small_parts(self.path, parts)
         if len(parts) < 2:
             return 0
         name = _part_name(0)
@@ -262,12 +264,9 @@ class Store:
         return len(parts)
 
     def needs_compaction(self) -> bool:
-        """Many parts, most of them small: what a run's small tasks leave behind."""
+        """Many small parts: what a run's tasks leave behind."""
         parts = self.parts()
-        if len(parts) <= COMPACT_PARTS:
-            return False
-        sizes = _part_rows(self.path, [p.name for p in parts])
-        return sum(n < SMALL_PART_ROWS for n in sizes.values()) > COMPACT_PARTS
+        return len(parts) > COMPACT_PARTS and len(_small_parts(self.path, [p.name for p in parts])) > COMPACT_PARTS
 
     # ---- the status index ----------------------------------------------------------------------------------------
 
@@ -519,14 +518,19 @@ def _group_rows(table: pa.Table) -> int:
     return max(1, min(GROUP_ROWS, GROUP_BYTES // per_row))
 
 
-def _part_rows(folder: Path, names: list[str]) -> dict[str, int]:
-    out = {}
+def _small_parts(folder: Path, names: list[str]) -> list[str]:
+    """The parts of fewer than GROUP_ROWS rows and SMALL_PART_BYTES bytes (an unreadable one counts as small)."""
+    small = []
     for name in names:
         try:
-            out[name] = pq.read_metadata(folder / name).num_rows
+            path = folder / name
+            if path.stat().st_size < SMALL_PART_BYTES and pq.read_metadata(path).num_rows < GROUP_ROWS:
+                small.append(name)
+        except FileNotFoundError:
+            continue
         except (OSError, pa.ArrowInvalid):
-            out[name] = 0
-    return out
+            small.append(name)
+    return small
 
 
 def list_keys(cache: Path, dataset: str, stage: str) -> list[str]:

@@ -1,10 +1,11 @@
 import multiprocessing as mp
 
+import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
 from affectprep import schema as S
-from affectprep.store import INDEX_FILE, SchemaMismatch, Store, StoreLocked, list_keys
+from affectprep.store import GROUP_ROWS, INDEX_FILE, SMALL_PART_BYTES, SchemaMismatch, Store, StoreLocked, list_keys
 
 
 def frames_row(sid, status="ok", error=None, n=16):
@@ -157,8 +158,22 @@ def test_compaction_of_many_parts_gives_few_large_row_groups_and_the_same_rows(t
     assert fresh.read(["error"], ids=["s003"]).to_pylist() == [{"error": "redone"}]
 
 
+def test_parts_of_large_rows_are_not_small_however_few_their_rows(tmp_path):
+    store = Store(tmp_path, "ds", "faces", "k1")
+    rng = np.random.default_rng(0)   # incompressible crops of 1 MiB, as JPEGs are
+    with store.lock():
+        store.write([{"sample_id": f"c{i}", "status": "ok", "crops": [rng.bytes(1 << 20)]}
+                     for i in range((SMALL_PART_BYTES >> 20) + 1)])
+        big = set(store.parts())
+        for i in range(70):
+            store.write([{"sample_id": f"d{i}", "status": "ok", "crops": [b"x"]}])
+        assert store.needs_compaction()
+        assert store.compact(small_only=True) == 70
+    assert big < set(store.parts()) and len(store.parts()) == 2
+
+
 def test_a_run_compacts_only_its_small_parts(tmp_path):
-    store = _written(tmp_path, n=4000, per_part=2000)
+    store = _written(tmp_path, n=2 * GROUP_ROWS, per_part=GROUP_ROWS)   # two parts of a full row group
     big = set(store.parts())
     with store.lock():
         for i in range(70):
@@ -166,4 +181,4 @@ def test_a_run_compacts_only_its_small_parts(tmp_path):
         assert store.needs_compaction()
         assert store.compact(small_only=True) == 70
     assert big < set(store.parts()) and len(store.parts()) == 3
-    assert len(Store(tmp_path, "ds", "frames", "k1").statuses()) == 4070
+    assert len(Store(tmp_path, "ds", "frames", "k1").statuses()) == 2 * GROUP_ROWS + 70
