@@ -177,7 +177,9 @@ def test_sigkill_half_way_then_rerun_completes_every_sample_exactly_once(tmp_pat
         raw = sum(pq.read_metadata(p).num_rows for p in st[name].parts())
         assert raw == len(ids), f"{name}: a sample was processed twice"
     assert set(st["frames"].statuses()) == expected
-    assert next(s for s in report.stages if s.stage == "faces").done_before == half
+    faces = next(s for s in report.stages if s.stage == "faces")
+    assert faces.done_before == half
+    assert faces.ok + faces.failed + faces.blocked == faces.total - half, "the rerun did only what was left"
 
 
 # ---- a real dask.distributed cluster ----------------------------------------------------------------------------------
