@@ -243,7 +243,7 @@ class Store:
                                 table.column("input_digest").to_pylist()))
             rows = nbytes = 0
             for part in parts:
-                for table in self._winning_rows(index, part, None, None):
+                for table in self._winning_rows(index, part, None, None, None):
                     buffer.append(table)
                     rows, nbytes = rows + table.num_rows, nbytes + table.nbytes
                     if rows >= GROUP_ROWS or nbytes >= GROUP_BYTES:
@@ -387,13 +387,11 @@ class Store:
         for _ in range(3):   # a part found corrupt is quarantined, and its samples read from their older rows
             index = self._load()
             lost: set[str] = set()
-            if wanted is None:
-                targets = sorted(index.parts)
-            else:
-                targets = sorted({index.rows[s][2] for s in wanted if s in index.rows})
-            for part in targets:
+            located = None if wanted is None else _locate(index, wanted)   # part -> its row groups to read
+            for part in sorted(index.parts) if located is None else sorted(located):
                 try:
-                    for table in self._winning_rows(index, part, wanted, cols):
+                    for table in self._winning_rows(index, part, wanted, None if located is None else located[part],
+                                                    cols):
                         if status is not None:
                             table = table.filter(pc.equal(table.column("status"), status))
                         if table.num_rows:
@@ -404,21 +402,24 @@ class Store:
                 return
             wanted = lost
 
-    def _winning_rows(self, index: _Index, part: str, wanted: set[str] | None,
+    def _winning_rows(self, index: _Index, part: str, wanted: set[str] | None, groups: set[int] | None,
                       columns: list[str] | None) -> Iterator[pa.Table]:
-        """The rows of `part` that are their sample's newest (and wanted), a row group at a time."""
+        """The rows of `part` that are their sample's newest (and wanted), a row group at a time: `groups`, or
+        every row group."""
         rows = index.rows
-        if wanted is None:
-            groups = None
-        else:
-            groups = sorted({rows[s][3] for s in wanted if s in rows and rows[s][2] == part})
         out_cols = columns or self.schema.names
         read_cols = list(dict.fromkeys(["sample_id", "status", *out_cols]))
+        wanted_array = None
         try:
             file = self._file(part)
-            for group in (groups if groups is not None else range(file.metadata.num_row_groups)):
+            for group in (sorted(groups) if groups is not None else range(file.metadata.num_row_groups)):
                 table = file.read_row_group(group, columns=read_cols)
-                if not (wanted is None and index.winners(part, group) == table.num_rows):   # else: all win
+                if index.winners(part, group) == table.num_rows:   # every row is its sample's newest
+                    if wanted is not None:
+                        if wanted_array is None:
+                            wanted_array = pa.array(list(wanted), pa.string())
+                        table = table.filter(pc.is_in(table.column("sample_id"), value_set=wanted_array))
+                else:
                     keep = [(r := rows.get(sid)) is not None and r[2] == part and r[3] == group
                             and (wanted is None or sid in wanted) for sid in table.column("sample_id").to_pylist()]
                     table = table.filter(pa.array(keep, pa.bool_()))
@@ -496,6 +497,15 @@ class Store:
     def corrupt_parts(self) -> list[Path]:
         """Parts moved aside because they could not be read (see `_quarantine`)."""
         return sorted(self.path.glob(f"part-*{CORRUPT_SUFFIX}")) if self.path.is_dir() else []
+
+
+def _locate(index: _Index, ids: set[str]) -> dict[str, set[int]]:
+    """part -> the row groups holding the newest rows of `ids` (ids not stored are left out)."""
+    rows = index.rows
+    located: dict[str, set[int]] = {}
+    for part, group in {(row[2], row[3]) for sid in ids if (row := rows.get(sid)) is not None}:
+        located.setdefault(part, set()).add(group)
+    return located
 
 
 class _Corrupt(Exception):
