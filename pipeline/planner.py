@@ -22,7 +22,7 @@ import pyarrow.compute as pc
 
 from affectprep import schema as S
 from affectprep.config import ConfigError, DatasetConfig, ProjectConfig, build_dataclass
-from affectprep.store import Store
+from affectprep.store import Store, repeated_strings, sample_ids
 
 from .datasets import DatasetAdapter, DatasetError, make_adapter
 from .stage import Stage, cache_key, config_dict, digest, file_digest
@@ -169,7 +169,10 @@ class DatasetPlan:
         self._position = {p.name: i for i, p in enumerate(self.stages)}
         columns = sorted({c for p in self.stages for c in p.stage.reads.get("index", ())} | set(_INDEX_COLUMNS))
         table = index.read(["sample_id", *columns], status=S.STATUS_OK)
-        self.samples: dict[str, dict[str, Any]] = {row["sample_id"]: row for row in table.to_pylist()}
+        values = [repeated_strings(table.column(c)) if c == "media_kind" else table.column(c).to_pylist()
+                  for c in columns]
+        self.samples: dict[str, dict[str, Any]] = {sid: dict(zip(columns, row)) for sid, row in
+                                                   zip(sample_ids(table.column("sample_id")), zip(*values))}
         self._stored: dict[str, dict[str, tuple[str, str | None]]] = {}
         self._expected: dict[str, dict[str, str | None]] = {}
         # Worked out once per stage (a 300k-sample dataset asks per sample many times): the samples a stage
