@@ -62,6 +62,7 @@ class DatasetAdapter:
         self._resolved: dict[Path, str] = {}      # media base folder -> its resolved path
         self.checked_media: dict[str, str] = {}   # media path (as stored) -> kind, usable in an earlier index
         self._root_prefix = str(self.root).rstrip(os.sep) + os.sep
+        self._base: tuple[Any, str] = (None, "")   # the last base folder `checked_path` was given, as text
 
     def labels(self) -> LabelSet:
         return label_set(self.label_set)
@@ -139,7 +140,9 @@ class DatasetAdapter:
     def checked_path(self, base: Path, relative: str) -> str | None:
         """`base/relative` as a string if an earlier index found it usable, else None: what an adapter of 300k
         images asks before `inside` and the checks (a Path per sample costs seconds)."""
-        lexical = os.path.normpath(os.path.join(base, relative))
+        if base is not self._base[0]:   # the same folder for every line: its text made once
+            self._base = (base, os.fspath(base))
+        lexical = os.path.normpath(os.path.join(self._base[1], relative))
         return lexical if self.checked(lexical) else None
 
     def inside(self, base: Path, relative: str) -> Path:
