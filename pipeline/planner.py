@@ -292,8 +292,11 @@ class DatasetPlan:
         upstream: set[str] = set()
         for plan in self.stages:
             current = self.current(plan)
-            applying = self._applying(plan) if plan.stage.reads else set(self.stored(plan))
-            wanted = applying if population is self._sorted else applying & set(population)
+            if not plan.stage.reads:   # an asset: its rows are not samples, all of them count
+                wanted = set(self.stored(plan))
+            else:
+                applying = self._applying(plan)
+                wanted = applying if population is self._sorted else applying & set(population)
             failed = {s for s, status in current.items() if status == S.STATUS_FAILED and s in wanted}
             blocked = {s for s in upstream if s in wanted and s not in current}
             out[plan.name] = (failed, blocked)
