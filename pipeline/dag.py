@@ -397,9 +397,11 @@ def _connect(scheduler: str | None, workers: int, stack: ExitStack) -> tuple[Any
         try:
             # Workers' own logs stay quiet below CRITICAL: what goes wrong in a task comes back to the client as
             # that sample's error, and at shutdown a worker's last heartbeat can race the closing scheduler and
-            # log a traceback for nothing.
+            # log a traceback for nothing. The scheduler's HTTP server on any free local port: without an address
+            # it takes 8787, and a second run on the machine printed a warning about the port being in use.
             cluster = stack.enter_context(LocalCluster(n_workers=workers, threads_per_worker=1, processes=True,
-                                                       dashboard_address=None, silence_logs=logging.CRITICAL))
+                                                       dashboard_address="127.0.0.1:0",
+                                                       silence_logs=logging.CRITICAL))
         finally:
             if previous is not None:
                 signal.signal(signal.SIGINT, previous)

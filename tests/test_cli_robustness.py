@@ -6,6 +6,7 @@ import errno
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -186,3 +187,20 @@ def test_quiet_silences_model_loading_reports(project, tmp_path):
     loud = cli("run", "--config", str(project.path), "--stage", "features", "--set", setting, "--scheduler", "inline",
                env={"HF_HUB_DISABLE_PROGRESS_BARS": "", "TRANSFORMERS_VERBOSITY": "warning"})
     assert "Loading weights" in loud.stderr          # what --quiet took away was there
+
+
+def test_a_run_beside_another_cluster_prints_nothing_about_ports(tmp_path):
+    """Two runs on one machine: the second's scheduler does not reach for the port the first one holds."""
+    fresh = make_project(tmp_path, clips=2)
+    held = socket.socket()
+    try:
+        held.bind(("127.0.0.1", 8787))   # what a first run (or any Dask dashboard) holds
+        held.listen()
+    except OSError:
+        pass                              # held already, by something else on this machine: the same situation
+    try:
+        out = cli("run", "--config", str(fresh.path), "--stage", "frames", "--workers", "1", "--quiet")
+    finally:
+        held.close()
+    assert out.returncode == 3, out.stderr   # 3: the fixture's bad clips
+    assert out.stderr.strip() == "", out.stderr
