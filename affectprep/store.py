@@ -317,7 +317,7 @@ class Store:
         if not parts <= names:
             return None
         cols = [sample_ids(table.column("sample_id")), repeated_strings(table.column("status")),
-                table.column("input_digest").to_pylist(), repeated_strings(table.column("part")),
+                sample_ids(table.column("input_digest")), repeated_strings(table.column("part")),
                 table.column("row_group").to_pylist()]
         rows = {sid: (status, dig, part, group) for sid, status, dig, part, group in zip(*cols)}
         return _Index(parts, rows, saved=True)
@@ -333,7 +333,7 @@ class Store:
         except (OSError, pa.ArrowInvalid):
             return
         self._merge(index, name, sample_ids(table.column("sample_id")), repeated_strings(table.column("status")),
-                    table.column("input_digest").to_pylist(), groups)
+                    sample_ids(table.column("input_digest")), groups)
 
     @staticmethod
     def _merge(index: _Index, name: str, ids: list[str], statuses: list[str], digests: list[str | None],
@@ -502,10 +502,10 @@ class Store:
         return sorted(self.path.glob(f"part-*{CORRUPT_SUFFIX}")) if self.path.is_dir() else []
 
 
-def sample_ids(column: pa.ChunkedArray | pa.Array) -> list[str]:
-    """A column of sample ids as Python strings, interned: the index, every stage's status index and the planner
-    hold the same 300k ids, and each copy costs ~60 bytes a sample."""
-    return [sys.intern(sid) for sid in column.to_pylist()]
+def sample_ids(column: pa.ChunkedArray | pa.Array) -> list[str | None]:
+    """A column of sample ids (or input digests) as Python strings, interned: the index, every stage's status
+    index and the planner hold the same 300k of them, and each copy costs ~60 bytes a sample."""
+    return [None if value is None else sys.intern(value) for value in column.to_pylist()]
 
 
 def repeated_strings(column: pa.ChunkedArray | pa.Array) -> list[str | None]:

@@ -471,7 +471,7 @@ class _Runner:
 
     def run_dataset(self, plan: DatasetPlan, limit: int | None) -> list[StageReport]:
         population = plan.population(limit)
-        kinds = {plan.samples[sid]["media_kind"] for sid in population}
+        kinds = {plan.samples[sid].media_kind for sid in population}
         reports = [StageReport(plan.dataset, p.name, p.key, total=len(plan.applicable(p, population)),
                                done_before=len(plan.done(p, population, self.retry_failed)),
                                stale=len(plan.stale(p, population)), note=p.stage.skip_note(kinds))
