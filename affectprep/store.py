@@ -505,7 +505,10 @@ class Store:
 def sample_ids(column: pa.ChunkedArray | pa.Array) -> list[str | None]:
     """A column of sample ids (or input digests) as Python strings, interned: the index, every stage's status
     index and the planner hold the same 300k of them, and each copy costs ~60 bytes a sample."""
-    return [None if value is None else sys.intern(value) for value in column.to_pylist()]
+    values = column.to_pylist()
+    if column.null_count == 0:
+        return list(map(sys.intern, values))
+    return [None if value is None else sys.intern(value) for value in values]
 
 
 def repeated_strings(column: pa.ChunkedArray | pa.Array) -> list[str | None]:
