@@ -35,6 +35,8 @@ from typing import Any
 
 from torch import nn
 
+from affectprep.hub import offline_if_unreachable
+
 # Frames are normalised with the ImageNet statistics unless a model says otherwise (VideoMAE was pre-trained so).
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -122,7 +124,9 @@ def model_ablations(name: str) -> tuple[Ablation, ...]:
 
 
 def create_model(name: str, *, tiny: bool = False, **kwargs) -> nn.Module:
-    """Build the registered model `name`; `tiny=True` gives its small test configuration."""
+    """Build the registered model `name`; `tiny=True` gives its small test configuration. Hub ids among its
+    backbones load from the cache without waiting on a hub that cannot be reached (affectprep/hub.py)."""
+    offline_if_unreachable()
     return model_builder(name)(tiny=tiny, **kwargs)
 
 

@@ -6,6 +6,8 @@ import functools
 import hashlib
 from pathlib import Path
 
+from affectprep.hub import not_cached_message, offline_if_unreachable
+
 from ..stage import file_digest
 
 
@@ -26,10 +28,16 @@ def checkpoint_identity(model: str, revision: str | None = None) -> dict[str, st
             digest.update(f"{file.name}:{_cached_digest(str(file.resolve()), stat.st_size, stat.st_mtime_ns)}\n"
                           .encode())
         return {"model": folder.resolve().name, "weights_sha256": digest.hexdigest()}
+    offline = offline_if_unreachable()   # before transformers asks the hub, with its 24 s of retries
     from transformers.utils import cached_file
     from transformers.utils.hub import extract_commit_hash
 
-    config_file = cached_file(model, "config.json", revision=revision)
+    try:
+        config_file = cached_file(model, "config.json", revision=revision)
+    except OSError:
+        if offline:
+            raise OSError(not_cached_message(model)) from None
+        raise
     commit = extract_commit_hash(config_file, None)
     if commit is None:
         raise OSError(f"cannot tell which commit of {model!r} (revision {revision or 'main'}) is in use")
