@@ -34,6 +34,7 @@ from tqdm import tqdm
 
 from affectprep import schema as S
 from affectprep.config import ConfigError, DatasetConfig, ProjectConfig
+from affectprep.hub import offline_if_unreachable
 from affectprep.store import PartSummary, Store, list_keys, next_part_floor
 
 from .datasets import DatasetError, index_table
@@ -188,6 +189,7 @@ def _worker_stage(stage: Stage, key: str) -> Stage:
 
 
 def _set_up(stage: Stage) -> Stage:
+    offline_if_unreachable()   # a worker of an external cluster has its own environment: it asks for itself
     try:
         stage.setup()
     except Exception as e:  # noqa: BLE001
