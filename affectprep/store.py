@@ -193,7 +193,7 @@ class Store:
         group = _group_rows(table)
         pq.write_table(table, tmp, compression="zstd", row_group_size=group)
         _fsync_and_rename(tmp, self.path / name)
-        ids = sample_ids(table.column("sample_id"))
+        ids = interned_strings(table.column("sample_id"))
         statuses = repeated_strings(table.column("status"))
         errors = {sid: err for sid, status, err in zip(ids, statuses, table.column("error").to_pylist())
                   if status != S.STATUS_OK and err}
@@ -240,7 +240,7 @@ class Store:
                 buffer.clear()
                 writer.write_table(table, row_group_size=table.num_rows)
                 groups.append(table.num_rows)
-                written.append((sample_ids(table.column("sample_id")), repeated_strings(table.column("status")),
+                written.append((interned_strings(table.column("sample_id")), repeated_strings(table.column("status")),
                                 table.column("input_digest").to_pylist()))
             rows = nbytes = 0
             for part in parts:
@@ -316,8 +316,8 @@ class Store:
             return None   # missing, cut short, foreign: rebuilt from the parts
         if not parts <= names:
             return None
-        cols = [sample_ids(table.column("sample_id")), repeated_strings(table.column("status")),
-                sample_ids(table.column("input_digest")), repeated_strings(table.column("part")),
+        cols = [interned_strings(table.column("sample_id")), repeated_strings(table.column("status")),
+                interned_strings(table.column("input_digest")), repeated_strings(table.column("part")),
                 table.column("row_group").to_pylist()]
         rows = {sid: (status, dig, part, group) for sid, status, dig, part, group in zip(*cols)}
         return _Index(parts, rows, saved=True)
@@ -332,8 +332,8 @@ class Store:
             groups = [meta.row_group(i).num_rows for i in range(meta.num_row_groups)]
         except (OSError, pa.ArrowInvalid):
             return
-        self._merge(index, name, sample_ids(table.column("sample_id")), repeated_strings(table.column("status")),
-                    sample_ids(table.column("input_digest")), groups)
+        self._merge(index, name, interned_strings(table.column("sample_id")), repeated_strings(table.column("status")),
+                    interned_strings(table.column("input_digest")), groups)
 
     @staticmethod
     def _merge(index: _Index, name: str, ids: list[str], statuses: list[str], digests: list[str | None],
@@ -502,7 +502,7 @@ class Store:
         return sorted(self.path.glob(f"part-*{CORRUPT_SUFFIX}")) if self.path.is_dir() else []
 
 
-def sample_ids(column: pa.ChunkedArray | pa.Array) -> list[str | None]:
+def interned_strings(column: pa.ChunkedArray | pa.Array) -> list[str | None]:
     """A column of sample ids (or input digests) as Python strings, interned: the index, every stage's status
     index and the planner hold the same 300k of them, and each copy costs ~60 bytes a sample."""
     values = column.to_pylist()

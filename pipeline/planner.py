@@ -24,7 +24,7 @@ import pyarrow.compute as pc
 
 from affectprep import schema as S
 from affectprep.config import ConfigError, DatasetConfig, ProjectConfig, build_dataclass
-from affectprep.store import Store, repeated_strings, sample_ids
+from affectprep.store import Store, interned_strings, repeated_strings
 
 from .datasets import DatasetAdapter, DatasetError, make_adapter
 from .stage import Stage, cache_key, config_dict, digest, file_digest
@@ -176,7 +176,7 @@ class DatasetPlan:
         # A named tuple per sample, not a dict: 300k samples' index fields cost a third of the memory.
         Sample = namedtuple("Sample", columns)
         self.samples: dict[str, Any] = {sid: Sample._make(row) for sid, row in
-                                        zip(sample_ids(table.column("sample_id")), zip(*values))}
+                                        zip(interned_strings(table.column("sample_id")), zip(*values))}
         self._stored: dict[str, dict[str, tuple[str, str | None]]] = {}
         self._expected: dict[str, dict[str, str | None]] = {}
         # Worked out once per stage (a 300k-sample dataset asks per sample many times): the samples a stage
@@ -367,7 +367,7 @@ class DatasetPlan:
             for up in stage.reads:
                 parts.append([getattr(sample, c) for c in index_columns] if up == "index"
                              else upstream[up].get(sid))
-            base[sid] = sys.intern(digest(parts))   # one object with the store's copy (see store.sample_ids)
+            base[sid] = sys.intern(digest(parts))   # one object with the store's copy (see store.interned_strings)
         if stage.scope != "dataset":
             return base
         # A stage that learns from other samples mixes in what it learns from: the samples ready for it.
