@@ -16,6 +16,7 @@ from affectprep import schema as S
 from affectprep.config import DatasetConfig, ProjectConfig
 from affectprep.pipeline.dag import changed_rows, ensure_index, run_pipeline
 from affectprep.pipeline.datasets import make_adapter
+from affectprep.pipeline.datasets.base import BadSample
 from affectprep.store import Store, list_keys
 
 
@@ -123,3 +124,14 @@ def test_changed_rows_read_chunked_tables(chunked):
         new = pa.concat_tables([new.slice(0, 13), new.slice(13)])
         old = pa.concat_tables([old.slice(0, 20), old.slice(20)])
     assert changed_rows(new, old).to_pylist() == [7, 31]
+
+
+def test_a_checked_path_outside_the_folder_an_option_names_is_still_refused(tmp_path):
+    """An index made with images = "original" lists Image/original/...; an aligned-layout line reaching there with
+    `..` is refused as before, listed or not."""
+    adapter = make_adapter("rafdb", F.make_rafdb(tmp_path / "RAF"))
+    adapter.checked_media = {"Image/original/train_00001.jpg": "image"}
+    aligned = adapter.root / "Image" / "aligned"
+    assert adapter.checked_path(aligned, "../original/train_00001.jpg") is None
+    with pytest.raises(BadSample, match="resolves outside"):
+        adapter.inside(aligned, "../original/train_00001.jpg")

@@ -143,17 +143,20 @@ class DatasetAdapter:
         return self.checked_media.get(key if os.sep == "/" else key.replace(os.sep, "/"))
 
     def checked_path(self, base: Path, relative: str) -> str | None:
-        """`base/relative` as a string if an earlier index found it usable, else None: what an adapter of 300k
-        images asks before `inside` and the checks (a Path per sample costs seconds)."""
+        """`base/relative` as a string if an earlier index found it usable (and it lies under `base` as written),
+        else None: what an adapter of 300k images asks before `inside` and the checks (a Path per sample costs
+        seconds). A path it returns resolved to itself before: no symlink, no `..` out of `base`."""
         if base is not self._base[0]:   # the same folder for every line: its text made once
             self._base = (base, os.fspath(base))
-        lexical = os.path.normpath(os.path.join(self._base[1], relative))
+        text = self._base[1]
+        lexical = os.path.normpath(os.path.join(text, relative))
+        if not lexical.startswith(text.rstrip(os.sep) + os.sep):   # an earlier index's options had another base
+            return None
         return lexical if self.checked(lexical) else None
 
     def inside(self, base: Path, relative: str) -> Path:
         """`base/relative`, resolved; a BadSample if it resolves outside `base` (`..`, absolute paths, symlinks)."""
-        lexical = os.path.normpath(os.path.join(base, relative))
-        if self.checked(lexical):   # resolved to itself before: no symlink, no `..` out of `base`
+        if (lexical := self.checked_path(base, relative)) is not None:
             return Path(lexical)
         base_resolved = self._resolved.get(base) or self._resolved.setdefault(base, str(base.resolve()))
         # os.path on strings: the same resolution as Path.resolve, a fraction of the cost per sample.
@@ -190,8 +193,8 @@ class DatasetAdapter:
         """
         candidates = [candidate for name in names for candidate in (name, *(name + ext for ext in VIDEO_EXTS))]
         for candidate in candidates:
-            lexical = os.path.normpath(os.path.join(base, candidate))
-            if (kind := self.checked(lexical)) in ("frames", "video"):
+            lexical = self.checked_path(base, candidate)
+            if lexical is not None and (kind := self.checked(lexical)) in ("frames", "video"):
                 return Path(lexical), kind
         for candidate in candidates:
             path = self.inside(base, candidate)
