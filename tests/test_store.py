@@ -5,7 +5,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from affectprep import schema as S
-from affectprep.store import GROUP_ROWS, INDEX_FILE, SMALL_PART_BYTES, SchemaMismatch, Store, StoreLocked, list_keys
+from affectprep.store import (COMPACT_PARTS, GROUP_ROWS, INDEX_FILE, SMALL_PART_BYTES, SchemaMismatch, Store,
+                              StoreLocked, list_keys)
 
 
 def frames_row(sid, status="ok", error=None, n=16):
@@ -124,6 +125,22 @@ def test_a_deleted_or_unreadable_status_index_is_rebuilt_from_the_parts(tmp_path
     assert fresh.statuses() == expected
     assert sorted(fresh.read(["sample_id"]).column("sample_id").to_pylist()) == sorted(expected)
     assert not fresh.corrupt_parts(), "an unreadable index is a cache to rebuild, not a corrupt part"
+
+
+def test_a_few_small_parts_are_left_to_the_readers_and_many_are_written_into_the_index(tmp_path):
+    store = _written(tmp_path)
+    saved = (store.path / INDEX_FILE).read_bytes()
+    with store.lock():
+        store.write([frames_row("late")])
+    assert (store.path / INDEX_FILE).read_bytes() == saved, "one small part: the 40-row index is not rewritten"
+    fresh = Store(tmp_path, "ds", "frames", "k1")
+    assert len(fresh.statuses()) == 41 and fresh.read(["sample_id"], ids=["late"]).num_rows == 1
+    with store.lock():
+        for i in range(COMPACT_PARTS):
+            store.write([frames_row(f"later{i}")])
+    table = pq.read_table(store.path / INDEX_FILE)
+    assert table.num_rows == 41 + COMPACT_PARTS, "past a handful of parts the index covers them again"
+    assert len(Store(tmp_path, "ds", "frames", "k1").statuses()) == 41 + COMPACT_PARTS
 
 
 def test_parts_added_behind_the_index_back_are_read(tmp_path):
