@@ -150,6 +150,11 @@ def applies_to(stage: Stage, media_kind: str, label: int | None) -> bool:
     return media_kind in stage.media_kinds and (not stage.needs_label or (label is not None and label >= 0))
 
 
+def _counts_as_done(status: str | None, retry_failed: bool) -> bool:
+    """A current row counts as done when ok, or failed unless failures are to be retried."""
+    return status == S.STATUS_OK or (status is not None and not retry_failed)
+
+
 def _applies_key(stage: Stage) -> tuple:
     """What `applies_to` depends on: stages sharing it share one set of samples (every video, every label)."""
     return bool(stage.reads), tuple(sorted(stage.media_kinds)), stage.needs_label
@@ -241,14 +246,13 @@ class DatasetPlan:
 
     def is_done(self, plan: StagePlan, sid: str, retry_failed: bool = False) -> bool:
         """The sample has a current row (a failed one counts unless `retry_failed`)."""
-        status = self.status(plan, sid)
-        return status == S.STATUS_OK or (status is not None and not retry_failed)
+        return _counts_as_done(self.status(plan, sid), retry_failed)
 
     def done(self, plan: StagePlan, population: list[str], retry_failed: bool = False) -> dict[str, str]:
         """sample -> status of the current rows among `population` (failed ones left out with retry_failed)."""
         current = self.current(plan)
         return {sid: status for sid in self.applicable(plan, population)
-                if (status := current.get(sid)) == S.STATUS_OK or (status is not None and not retry_failed)}
+                if _counts_as_done(status := current.get(sid), retry_failed)}
 
     def count(self, plan: StagePlan, population: list[str], status: str) -> int:
         """How many samples of `population` the stage applies to have a current row with `status`."""
@@ -277,8 +281,7 @@ class DatasetPlan:
         for sid in population:
             first = None
             for i, applying, current in stages:
-                if sid in applying and not ((status := current.get(sid)) == S.STATUS_OK
-                                            or (status is not None and not retry_failed)):
+                if sid in applying and not _counts_as_done(current.get(sid), retry_failed):
                     first = i
                     break
             if first is None:
