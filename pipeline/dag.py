@@ -138,7 +138,7 @@ def _same_values(a: pa.Array, b: pa.Array) -> pa.Array:
         lengths = pc.fill_null(pc.equal(pc.list_value_length(a), pc.list_value_length(b)), False)
         same = pc.or_(both_null, lengths)
         # Values compared flat, over the rows whose lengths agree; a row with one differing value differs.
-        rows = pc.indices_nonzero(pc.and_(pc.fill_null(lengths, False), pc.is_valid(a)))
+        rows = pc.indices_nonzero(pc.and_(lengths, pc.is_valid(a)))
         flat_a, flat_b = a.take(rows), b.take(rows)
         values = _same_values(pc.list_flatten(flat_a), pc.list_flatten(flat_b))
         differing = pc.unique(pc.filter(pc.list_parent_indices(flat_a), pc.invert(values)))
